@@ -1,0 +1,40 @@
+# declnet — the commands a user needs. Each target installs what it needs into the
+# current Python; torch is installed first only when it is missing, so that the
+# range in pyproject.toml is already met (pick another build with TORCH=...).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PIP := $(PYTHON) -m pip --disable-pip-version-check
+
+.PHONY: help torch install install-test install-apps test lint demo bench docs clean
+
+help:
+	@echo "make demo   - run the point-cloud robust-pooling experiment (demo preset)"
+	@echo "make test   - lint (ruff) and run the test suite (pytest)"
+	@echo "make bench  - print the benchmark tables"
+
+torch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+
+install: torch
+	$(PIP) install -q -e .
+
+install-test: torch
+	$(PIP) install -q -e ".[test]"
+
+install-apps: torch
+	$(PIP) install -q -e ".[apps]"
+
+lint: install-test
+	$(PYTHON) -m ruff check src tests benchmarks examples
+
+test: install-test lint
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q
+
+demo: install-apps
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) examples/train_sphere.py
+
+bench: install-test
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) benchmarks/backward.py
+
+clean:
+	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info
