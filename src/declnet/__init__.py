@@ -17,6 +17,18 @@ from ._node import (
     Solution,
 )
 
+# Robust pooling layers (paper §5.1).
+from .layers import (
+    Huber,
+    Penalty,
+    PseudoHuber,
+    Quadratic,
+    RobustPool,
+    TruncatedQuadratic,
+    Welsch,
+    robust_pool,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,4 +46,16 @@ __all__ = [
     "declarative",
     "implicit_vjp",
     "optimality_residual",
+]
+
+# Robust pooling layers (paper §5.1).
+__all__ += [
+    "Huber",
+    "Penalty",
+    "PseudoHuber",
+    "Quadratic",
+    "RobustPool",
+    "TruncatedQuadratic",
+    "Welsch",
+    "robust_pool",
 ]
