@@ -24,9 +24,11 @@ from .layers import (
     PseudoHuber,
     Quadratic,
     RobustPool,
+    RobustVectorPool,
     TruncatedQuadratic,
     Welsch,
     robust_pool,
+    robust_vector_pool,
 )
 
 __version__ = "0.1.0"
@@ -55,7 +57,9 @@ __all__ += [
     "PseudoHuber",
     "Quadratic",
     "RobustPool",
+    "RobustVectorPool",
     "TruncatedQuadratic",
     "Welsch",
     "robust_pool",
+    "robust_vector_pool",
 ]
