@@ -342,12 +342,12 @@ def _solve_dense(prob: _Problem, H: Tensor, rhs: Tensor, method: str) -> Tensor:
                 return w
         # Not positive definite (or failed the residual check): LU on the KKT matrix.
         bad = ~ok
-        w_lu, ok_lu = _linalg.solve_lu(K[bad], rhs[bad])
+        w_lu, ok_lu = _linalg.solve_lu(K[bad], rhs[bad], cfg.rcond)
         w = _replace(w, bad, w_lu)
         ok = ok.clone()
         ok[bad] = ok_lu
     else:  # "lu"
-        w, ok = _linalg.solve_lu(K, rhs)
+        w, ok = _linalg.solve_lu(K, rhs, cfg.rcond)
     ok = ok & _linalg.residual_ok(K, w, rhs)
     # A failure with a non-singular matrix is a broken LU, not a non-regular point; the
     # pseudo-inverse tells the two apart and warns about singular ones.

@@ -71,19 +71,30 @@ def solve_cholesky(
     return x, ok
 
 
-def solve_lu(matrix: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+def solve_lu(
+    matrix: Tensor, rhs: Tensor, rcond: float | None = None
+) -> tuple[Tensor, Tensor]:
     """Solve general square systems ``matrix @ x = rhs`` by LU with partial pivoting.
 
     Args:
         matrix: ``(B, M, M)``.
         rhs: ``(B, M, K)``.
+        rcond: a sample whose pivots have ``min |U_ii| / max |U_ii| < rcond`` is reported as
+            numerically singular.
 
     Returns:
-        ``(x, ok)`` with ``ok`` False where the matrix is exactly singular or ``x`` is
+        ``(x, ok)`` with ``ok`` False where the matrix is (numerically) singular or ``x`` is
         not finite. The caller must still check the residual.
     """
-    x, info = torch.linalg.solve_ex(matrix, rhs)
-    ok = (info == 0) & torch.isfinite(x).flatten(1).all(-1)
+    rcond = default_rcond(matrix.dtype) if rcond is None else rcond
+    lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+    diag = lu.diagonal(dim1=-2, dim2=-1).abs()
+    ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(matrix.dtype).tiny)
+    ok = (info == 0) & (ratio > rcond)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    lu = torch.where(ok[:, None, None], lu, eye)
+    x = torch.linalg.lu_solve(lu, pivots, rhs)
+    ok = ok & torch.isfinite(x).flatten(1).all(-1)
     return x, ok
 
 
