@@ -34,7 +34,7 @@ demo: install-apps
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) examples/train_sphere.py
 
 bench: install-test
-	OMP_WAIT_POLICY=PASSIVE $(PYTHON) benchmarks/backward.py
+	for script in benchmarks/*.py; do OMP_WAIT_POLICY=PASSIVE $(PYTHON) $$script || exit 1; done
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info

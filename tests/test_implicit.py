@@ -124,7 +124,7 @@ def test_jacobian_matches_closed_form(case):
     torch.testing.assert_close(J, node.closed_form_jacobian(*xs), atol=1e-9, rtol=1e-7)
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "lu", "lstsq", "minres", "auto"])
+@pytest.mark.parametrize("solver", ["cholesky", "lu", "lstsq", "cg", "minres", "auto"])
 @pytest.mark.parametrize("name", ["quadratic", "sphere", "circle", "min_kl_simplex",
                                   "ball_halfspace", "feasibility"])
 def test_every_linear_solver_agrees(name, solver):
