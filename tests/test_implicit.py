@@ -351,3 +351,14 @@ def test_degenerate_active_constraint_is_kept_tight():
     v = rand(B, M, seed=3)
     g = vjp(node, [x], v)
     torch.testing.assert_close(g, v - x * (x * v).sum(-1, keepdim=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", ["cholesky", "lu", "lstsq", "cg", "minres"])
+def test_cuda_matches_cpu(solver):
+    node = dt.UnitSphereProjection(backward=declnet.ImplicitBackward(linear_solver=solver))
+    x, v = rand(B, M), rand(B, M, seed=3)
+    cpu = vjp(node, [x], v)
+    gpu = vjp(node.cuda(), [x.cuda()], v.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu)
