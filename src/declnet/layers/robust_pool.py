@@ -71,8 +71,18 @@ def _check_input(x: object, what: str) -> Tensor:
     return x
 
 
-def _alpha_rows(penalty: Penalty, out_shape: tuple[int, ...], rows: int, x: Tensor) -> Tensor:
-    """The penalty's α as a 0-d tensor or as ``(rows, 1)``, differentiable, in x's dtype."""
+def _alpha_rows(
+    penalty: Penalty,
+    out_shape: tuple[int, ...],
+    rows: int,
+    x: Tensor,
+    kept_dims: tuple[int, ...] = (),
+) -> Tensor:
+    """The penalty's α as a 0-d tensor or as ``(rows, 1)``, differentiable, in x's dtype.
+
+    A tensor α must broadcast to ``out_shape``, or (with ``keepdim``) to ``out_shape`` with
+    size-1 dimensions inserted at ``kept_dims``.
+    """
     alpha = penalty.alpha
     if not isinstance(alpha, Tensor):
         return torch.tensor(float(alpha), dtype=x.dtype, device=x.device)
@@ -85,16 +95,23 @@ def _alpha_rows(penalty: Penalty, out_shape: tuple[int, ...], rows: int, x: Tens
     alpha = alpha.to(device=x.device, dtype=x.dtype)
     if alpha.numel() == 1:
         return alpha.reshape(())
-    try:
-        expanded = alpha.expand(out_shape) if alpha.dim() <= len(out_shape) else None
-    except RuntimeError:
-        expanded = None
-    if expanded is None:
-        raise ValueError(
-            f"alpha of shape {tuple(alpha.shape)} does not broadcast to the pooled output "
-            f"shape {out_shape}; use a scalar or a tensor broadcastable to it."
-        )
-    return expanded.reshape(rows, 1)
+    kept_shape = list(out_shape)
+    for d in kept_dims:
+        kept_shape.insert(d, 1)
+    for target, squeeze in ((out_shape, False), (tuple(kept_shape), bool(kept_dims))):
+        if alpha.dim() > len(target):
+            continue
+        try:
+            expanded = alpha.expand(target)
+        except RuntimeError:
+            continue
+        if squeeze:
+            expanded = expanded.squeeze(kept_dims)
+        return expanded.reshape(rows, 1)
+    raise ValueError(
+        f"alpha of shape {tuple(alpha.shape)} does not broadcast to the pooled output "
+        f"shape {out_shape}; use a scalar or a tensor broadcastable to it."
+    )
 
 
 def _flatten(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
@@ -497,7 +514,8 @@ def robust_pool(
         penalty: a :class:`~declnet.layers.Penalty` (e.g. ``Welsch(alpha=0.5)``) or its name
             (``"quadratic"``, ``"pseudo_huber"``, ``"huber"``, ``"welsch"``,
             ``"truncated_quadratic"``, with ``α = 1``). ``α`` may be a float or a tensor
-            broadcastable to the output shape (learnable when it requires grad).
+            broadcastable to the output shape, with or without the ``keepdim`` dimensions
+            (learnable when it requires grad).
         dim: the dimension(s) to pool over, e.g. ``-1`` or ``(-2, -1)`` for global 2-D pooling.
         keepdim: keep the pooled dimensions with size 1.
 
@@ -527,7 +545,7 @@ def robust_pool(
         return x.mean(dim=dims, keepdim=keepdim)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     flat, out_shape = _flatten(work, dims)
-    alpha = _alpha_rows(pen, out_shape, flat.shape[0], work)
+    alpha = _alpha_rows(pen, out_shape, flat.shape[0], work, dims if keepdim else ())
     y = _RobustPoolFunction.apply(flat, alpha, pen.name)[0]
     return _restore(y, out_shape, dims, keepdim).to(x.dtype)
 
@@ -712,8 +730,9 @@ def robust_vector_pool(
     Solver: iteratively reweighted means (Weiszfeld / mean-shift; the objective never
     increases), then two Newton steps for the smooth penalties. For the non-convex
     penalties (Welsch, truncated quadratic) it starts from the mean, the coordinatewise
-    median and the data point nearest to that median, and keeps the lowest objective: a local minimum, not a certified global one
-    (there is no sorting trick in more than one dimension). Not compiled; intended for
+    median and the data point nearest to that median, and keeps the lowest objective: a
+    local minimum, not a certified global one (there is no sorting trick in more than one
+    dimension). Not compiled; intended for
     moderate ``C`` (the backward factorises one ``C × C`` Hessian per output).
 
     Backward (Prop. 4.4): ``dJ/dx_i = H_i H⁻¹ v`` with ``H_i = w_i I + c_i d_i d_iᵀ``,
