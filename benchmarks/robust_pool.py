@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -48,8 +48,9 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def measure(pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int,
-            device: str) -> tuple[float, float, float]:
+def measure(
+    pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: str
+) -> tuple[float, float, float]:
     """(warm-up seconds, median forward seconds, median backward seconds)."""
     xg = x.detach().clone().requires_grad_()
     v = torch.ones(x.shape[:-1], device=x.device, dtype=x.dtype)
@@ -102,13 +103,17 @@ def synthetic(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.Tenso
     if kind == "two clusters 70/30":
         k = int(0.7 * n)
         shift = 2 + 6 * torch.rand(rows, 1, generator=gen)
-        return torch.cat([torch.randn(rows, k, generator=gen),
-                          shift + torch.randn(rows, n - k, generator=gen)], -1)
+        return torch.cat(
+            [torch.randn(rows, k, generator=gen), shift + torch.randn(rows, n - k, generator=gen)],
+            -1,
+        )
     if kind == "two clusters 52/48":
         k = int(0.52 * n)
         shift = 3 + 3 * torch.rand(rows, 1, generator=gen)
-        return torch.cat([torch.randn(rows, k, generator=gen),
-                          shift + torch.randn(rows, n - k, generator=gen)], -1)
+        return torch.cat(
+            [torch.randn(rows, k, generator=gen), shift + torch.randn(rows, n - k, generator=gen)],
+            -1,
+        )
     if kind == "five clusters":
         centres = 6 * torch.randn(rows, 5, generator=gen)
         which = torch.randint(0, 5, (rows, n), generator=gen)
@@ -127,10 +132,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--compile", default="auto", choices=("auto", "always", "never"))
-    parser.add_argument("--check-rows", type=int, default=256,
-                        help="channels checked against the dense grid")
-    parser.add_argument("--miss-rows", type=int, default=2000,
-                        help="rows per synthetic data set for the Welsch miss rate")
+    parser.add_argument(
+        "--check-rows", type=int, default=256, help="channels checked against the dense grid"
+    )
+    parser.add_argument(
+        "--miss-rows",
+        type=int,
+        default=2000,
+        help="rows per synthetic data set for the Welsch miss rate",
+    )
     args = parser.parse_args()
     set_compile_mode(args.compile)
     device = args.device
@@ -139,8 +149,10 @@ def main() -> None:
     x = torch.randn(*shape, generator=gen).to(device)
     a = args.alpha
 
-    print(f"torch {torch.__version__}, declnet {declnet.__version__}, device {device}, "
-          f"threads {torch.get_num_threads()}, compile {args.compile}")
+    print(
+        f"torch {torch.__version__}, declnet {declnet.__version__}, device {device}, "
+        f"threads {torch.get_num_threads()}, compile {args.compile}"
+    )
     print(f"shape (B, C, N) = {shape}, float32, alpha = {a}, median of {args.repeats} runs\n")
 
     layers: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], object]] = [
@@ -150,8 +162,11 @@ def main() -> None:
         ("pseudo-Huber", lambda t: robust_pool(t, PseudoHuber(a)), PseudoHuber(a)),
         ("Huber", lambda t: robust_pool(t, Huber(a)), Huber(a)),
         ("Welsch", lambda t: robust_pool(t, Welsch(a)), Welsch(a)),
-        ("truncated quadratic", lambda t: robust_pool(t, TruncatedQuadratic(a)),
-         TruncatedQuadratic(a)),
+        (
+            "truncated quadratic",
+            lambda t: robust_pool(t, TruncatedQuadratic(a)),
+            TruncatedQuadratic(a),
+        ),
     ]
     results = []
     for name, pool, pen in layers:
@@ -164,20 +179,32 @@ def main() -> None:
             frac = f"{at_global_minimum(pen, rows, y):.4f}"
         results.append((name, warm, fwd, bwd, frac))
     base_f, base_b = results[0][2], results[0][3]
-    header = (f"{'layer':<22}{'fwd ms':>9}{'bwd ms':>9}{'fwd/max':>9}{'bwd/max':>9}"
-              f"{'warm-up s':>11}{'at global min':>15}")
+    header = (
+        f"{'layer':<22}{'fwd ms':>9}{'bwd ms':>9}{'fwd/max':>9}{'bwd/max':>9}"
+        f"{'warm-up s':>11}{'at global min':>15}"
+    )
     print(header)
     print("-" * len(header))
     for name, warm, fwd, bwd, frac in results:
-        print(f"{name:<22}{fwd * 1e3:>9.1f}{bwd * 1e3:>9.1f}{fwd / base_f:>9.1f}"
-              f"{bwd / base_b:>9.1f}{warm:>11.1f}{frac:>15}")
+        print(
+            f"{name:<22}{fwd * 1e3:>9.1f}{bwd * 1e3:>9.1f}{fwd / base_f:>9.1f}"
+            f"{bwd / base_b:>9.1f}{warm:>11.1f}{frac:>15}"
+        )
 
-    print(f"\nWelsch (alpha = 1) at the global minimum, {args.miss_rows} rows per data set, "
-          "n = 256, float32 input, dense float64 grid:")
+    print(
+        f"\nWelsch (alpha = 1) at the global minimum, {args.miss_rows} rows per data set, "
+        "n = 256, float32 input, dense float64 grid:"
+    )
     print(f"{'data':<22}{'miss rate':>11}")
     pen = Welsch(1.0)
-    for kind in ("gaussian", "two clusters 70/30", "two clusters 52/48", "five clusters",
-                 "uniform [0, 20]", "cauchy"):
+    for kind in (
+        "gaussian",
+        "two clusters 70/30",
+        "two clusters 52/48",
+        "five clusters",
+        "uniform [0, 20]",
+        "cauchy",
+    ):
         data = synthetic(kind, args.miss_rows, 256, gen)
         with torch.no_grad():
             y = robust_pool(data.to(device), pen).cpu()
