@@ -1,0 +1,35 @@
+"""The compiled kernels give the eager kernels' answers (slow: compiles with torch.compile)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from declnet.layers import PseudoHuber, compile_mode, robust_pool, set_compile_mode
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch's own compile stack
+def test_compiled_equals_eager():
+    x = torch.randn(4, 6, 33, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    previous = compile_mode()
+    results = []
+    try:
+        for mode in ("never", "always"):
+            set_compile_mode(mode)
+            xg = x.clone().requires_grad_()
+            y = robust_pool(xg, PseudoHuber(0.7))
+            y.backward(v)
+            results.append((y.detach(), xg.grad))
+    finally:
+        set_compile_mode(previous)
+    (y_eager, g_eager), (y_comp, g_comp) = results
+    # Same formulas; only the summation order may differ.
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_mode_validation():
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        set_compile_mode("sometimes")
