@@ -421,3 +421,16 @@ def test_cuda_matches_cpu(name):
     xr = x.clone().requires_grad_()
     robust_pool(xr, make(name)).sum().backward()
     torch.testing.assert_close(xc.grad.cpu(), xr.grad)
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_per_channel_alpha_equals_per_channel_calls(name):
+    x = rand(B, C, N, seed=19)
+    alpha = torch.tensor([0.4, 0.9, 2.0], dtype=F64)
+    y = robust_pool(x, as_penalty(name).__class__(alpha))
+    cols = torch.stack(
+        [robust_pool(x[:, c], as_penalty(name).__class__(float(alpha[c]))) for c in range(C)], -1
+    )
+    torch.testing.assert_close(y, cols, rtol=0, atol=1e-13)
+    y_keep = robust_pool(x, as_penalty(name).__class__(alpha[:, None]), keepdim=True)
+    torch.testing.assert_close(y_keep.squeeze(-1), y)
