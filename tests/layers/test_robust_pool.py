@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -434,3 +435,16 @@ def test_per_channel_alpha_equals_per_channel_calls(name):
     torch.testing.assert_close(y, cols, rtol=0, atol=1e-13)
     y_keep = robust_pool(x, as_penalty(name).__class__(alpha[:, None]), keepdim=True)
     torch.testing.assert_close(y_keep.squeeze(-1), y)
+
+
+def test_truncated_quadratic_blocks_equal_one_pass(monkeypatch):
+    module = sys.modules["declnet.layers.robust_pool"]
+    x = rand(13, 7, seed=20)
+    alpha = torch.linspace(0.3, 2.0, 13, dtype=F64)
+    one_pass = robust_pool(x, TruncatedQuadratic(alpha))
+    monkeypatch.setattr(module, "_TRUNCATED_BLOCK", 20)  # blocks of 2 rows
+    xg = x.clone().requires_grad_()
+    blocked = robust_pool(xg, TruncatedQuadratic(alpha))
+    torch.testing.assert_close(blocked, one_pass, rtol=0, atol=0)
+    blocked.sum().backward()
+    torch.testing.assert_close(xg.grad.sum(-1), torch.ones(13, dtype=F64))

@@ -83,6 +83,15 @@ def _want_compiled(x: Tensor) -> bool:
 # The kernels. t = (u - x) / a throughout.
 
 
+def row_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row minimum, maximum and sum in one pass; each ``(M, 1)``."""
+    return (
+        x.amin(-1, keepdim=True),
+        x.amax(-1, keepdim=True),
+        x.sum(-1, keepdim=True),
+    )
+
+
 def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Σ φ'(u − x_i) and Σ φ''(u − x_i) for the pseudo-Huber penalty; each ``(M, 1)``."""
     z = u - x
@@ -213,6 +222,7 @@ def window_grad(x: Tensor, lo: Tensor, hi: Tensor, scale: Tensor) -> Tensor:
 _EAGER: dict[str, Callable[..., object]] = {
     f.__name__: f
     for f in (
+        row_stats,
         pseudo_huber_sums,
         huber_sums,
         welsch_sums,

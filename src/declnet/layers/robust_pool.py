@@ -36,7 +36,7 @@ DimLike = Union[int, Sequence[int]]
 # midpoints of the shortest windows holding these fractions of the data.
 _WELSCH_QUANTILES = (0.5, 0.1, 0.25, 0.75, 0.9)
 _WELSCH_WINDOWS = (0.5, 0.125, 1 / 32)
-_WELSCH_START_STEPS = 3
+_WELSCH_START_STEPS = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,14 +198,14 @@ def _bracketed_newton(
     return u
 
 
-def _solve_pseudo_huber(x: Tensor, a: Tensor) -> Tensor:
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    u = x.mean(-1, keepdim=True).clamp(lo, hi)
+def _solve_pseudo_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    lo, hi, total = stats
+    u = (total / x.shape[-1]).clamp(lo, hi)
     rtol = math.sqrt(_finfo(x).eps)
     return _bracketed_newton(kernel("pseudo_huber_sums", x), x, a, u, lo, hi, rtol, 100, 1)
 
 
-def _solve_huber(x: Tensor, a: Tensor) -> Tensor:
+def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """Finite Newton: on each piece between breakpoints ``x_i ± α`` the gradient is linear, so
     a Newton step lands on the root when the root is on the same piece; bisection otherwise.
 
@@ -214,8 +214,8 @@ def _solve_huber(x: Tensor, a: Tensor) -> Tensor:
     for the nearest points ``x_j`` below and ``x_k`` above it.
     """
     sums = kernel("huber_sums", x)
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    u = x.mean(-1, keepdim=True).clamp(lo, hi)
+    lo, hi, total = stats
+    u = (total / x.shape[-1]).clamp(lo, hi)
     u = _bracketed_newton(sums, x, a, u, lo, hi, 4 * _finfo(x).eps, 200, 0)
     _, inliers = sums(x, u, a)  # type: ignore[misc]
     flat = (inliers == 0) & torch.isfinite(u)
@@ -245,21 +245,21 @@ def _welsch_update(sums: object, x: Tensor, u: Tensor, a: Tensor) -> tuple[Tenso
     return u + step, step.abs(), w
 
 
-def _welsch_starts(x: Tensor) -> list[Tensor]:
+def _welsch_starts(x: Tensor, mean: Tensor) -> list[Tensor]:
     """Starting points, each ``(M, 1)``: the mean, the 10/25/50/75/90 % quantiles, and the
     midpoints of the shortest windows holding 1/2, 1/8 and 1/32 of the sorted data (dense
     regions, where the Welsch objective has its deep minima)."""
     n = x.shape[-1]
     s = _sorted_rows(x)
     picks = sorted({round(q * (n - 1)) for q in _WELSCH_QUANTILES})
-    starts = [x.mean(-1, keepdim=True)] + [s[:, i : i + 1].contiguous() for i in picks]
+    starts = [mean] + [s[:, i : i + 1].contiguous() for i in picks]
     for k in sorted({min(n - 1, max(1, round(f * n))) for f in _WELSCH_WINDOWS}) if n > 1 else ():
         j = (s[:, k:] - s[:, :-k]).argmin(-1, keepdim=True)
         starts.append(0.5 * (s.gather(1, j) + s.gather(1, j + k)))
     return starts
 
 
-def _solve_welsch(x: Tensor, a: Tensor) -> Tensor:
+def _solve_welsch(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """Multi-start local minimisation, keeping the lowest objective.
 
     Each start (see :func:`_welsch_starts`) takes a few safeguarded Newton / mean-shift
@@ -268,7 +268,7 @@ def _solve_welsch(x: Tensor, a: Tensor) -> Tensor:
     often against a dense grid).
     """
     sums = kernel("welsch_sums", x)
-    starts = _welsch_starts(x)
+    starts = _welsch_starts(x, stats[2] / x.shape[-1])
     best, best_w = starts[0], None
     for u in starts:
         for _ in range(_WELSCH_START_STEPS):
@@ -292,7 +292,29 @@ def _solve_welsch(x: Tensor, a: Tensor) -> Tensor:
     return u
 
 
+_TRUNCATED_BLOCK = 1 << 18  # elements per block of rows in the truncated-quadratic solver
+
+
 def _solve_truncated(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The truncated-quadratic solver by blocks of rows (see :func:`_solve_truncated_block`).
+
+    The solver makes about ten temporaries as large as its input; in blocks of about 2**18
+    elements they stay in cache and the allocator reuses them, which is 1.5-3x faster on
+    CPU than one pass over a large input. The blocks are independent and few (the loop is
+    over blocks of thousands of rows, never over single rows).
+    """
+    m, n = x.shape
+    rows = max(1, _TRUNCATED_BLOCK // max(n, 1))
+    if m <= rows:
+        return _solve_truncated_block(x, a)
+    parts = [
+        _solve_truncated_block(x[i : i + rows], a if a.dim() == 0 else a[i : i + rows])
+        for i in range(0, m, rows)
+    ]
+    return tuple(torch.cat(p, 0) for p in zip(*parts))  # type: ignore[return-value]
+
+
+def _solve_truncated_block(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Exact global minimum of ``Σ_i min((u − x_i)², α²)/2`` by enumerating inlier windows.
 
     Between consecutive breakpoints ``x_i ± α`` the inlier set is a fixed window of the
@@ -335,14 +357,17 @@ def _solve(kind: str, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
     empty = x.new_empty(0)
     if kind == "truncated_quadratic":
         y, lo, hi, count = _solve_truncated(x, a)
+        total = x.sum(-1, keepdim=True)
     else:
+        stats = kernel("row_stats", x)(x)  # type: ignore[misc]
         solver = {
             "pseudo_huber": _solve_pseudo_huber,
             "huber": _solve_huber,
             "welsch": _solve_welsch,
         }[kind]
-        y, lo, hi, count = solver(x, a), empty, empty, empty
-    bad = _nonfinite_rows(x, x.sum(-1, keepdim=True))
+        y, lo, hi, count = solver(x, a, stats), empty, empty, empty
+        total = stats[2]
+    bad = _nonfinite_rows(x, total)
     if bool(bad.any()):
         y = torch.where(bad, math.nan, y)
     return y, lo, hi, count
