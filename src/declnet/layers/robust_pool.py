@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import numpy as np
@@ -165,8 +165,45 @@ def _rows(a: Tensor, idx: Tensor) -> Tensor:
 # Forward solvers. Each takes x (M, n) and a (0-d or (M, 1)) and returns y (M, 1).
 
 
+def _iterate_rows(
+    update: Callable[[Tensor, Tensor, tuple[Tensor, ...]], tuple[tuple[Tensor, ...], Tensor]],
+    x: Tensor,
+    a: Tensor,
+    state: tuple[Tensor, ...],
+    rtol: float,
+    max_iter: int,
+    polish: int,
+) -> Tensor:
+    """Run ``state, step = update(x, a, state)`` per row until each row has converged.
+
+    ``state[0]`` is the estimate ``u (M, 1)``. A row has converged once its step has been at
+    most ``rtol · (|u| + α)`` on ``polish + 1`` iterations (NaN rows count as converged).
+    When at least half of the remaining rows have converged they are set aside, so a few
+    slow rows never cost full passes over the input. Returns the final ``u (M, 1)``.
+    """
+    result = state[0].clone()
+    rows = torch.arange(x.shape[0], device=x.device)
+    pending = torch.full_like(state[0], polish + 1, dtype=torch.int32)
+    for _ in range(max_iter):
+        state, step = update(x, a, state)
+        small = ~(step > rtol * (state[0].abs() + a))
+        pending = pending - small.to(torch.int32)
+        done = (pending <= 0).squeeze(-1)
+        n_done = int(done.sum())
+        if n_done == rows.numel():
+            break
+        if 2 * n_done >= rows.numel():
+            result[rows[done]] = state[0][done]
+            keep = (~done).nonzero().squeeze(-1)
+            rows, x, pending = rows[keep], x[keep], pending[keep]
+            a = a if a.dim() == 0 else a[keep]
+            state = tuple(t[keep] for t in state)
+    result[rows] = state[0]
+    return result
+
+
 def _bracketed_newton(
-    sums: object,
+    sums: Callable[..., tuple[Tensor, Tensor]],
     x: Tensor,
     a: Tensor,
     u: Tensor,
@@ -179,23 +216,23 @@ def _bracketed_newton(
     """Safeguarded Newton on ``g(u) = Σφ'(u − x_i)``, monotone, with ``g(lo) ≤ 0 ≤ g(hi)``.
 
     A Newton step that leaves the bracket, or has no curvature, is replaced by bisection.
-    Stops when every row's step is at most ``rtol · (|u| + α)`` and then takes ``polish``
+    A row stops when its step is at most ``rtol · (|u| + α)`` and it has taken ``polish``
     more steps (one extra Newton step after ``rtol = sqrt(eps)`` reaches machine precision).
     """
-    for _ in range(max_iter):
-        g, h = sums(x, u, a)  # type: ignore[operator]
+
+    def update(
+        x: Tensor, a: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        u, lo, hi = state
+        g, h = sums(x, u, a)
         hi = torch.where(g > 0, u, hi)
         lo = torch.where(g < 0, u, lo)
         u_new = torch.where(g == 0, u, u - g / h)
         inside = (u_new >= lo) & (u_new <= hi)
         u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
-        step = (u_new - u).abs()
-        u = u_new
-        if not bool((step > rtol * (u.abs() + a)).any()):
-            if polish <= 0:
-                break
-            polish -= 1
-    return u
+        return (u_new, lo, hi), (u_new - u).abs()
+
+    return _iterate_rows(update, x, a, (u, lo, hi), rtol, max_iter, polish)
 
 
 def _solve_pseudo_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
@@ -229,14 +266,16 @@ def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> 
     return u
 
 
-def _welsch_update(sums: object, x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _welsch_update(
+    sums: Callable[..., tuple[Tensor, ...]], x: Tensor, u: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """One safeguarded step for the Welsch objective; returns (new u, |step|, Σ e_i at u).
 
     Newton's step when the curvature is positive and the step is at most α; otherwise the
     mean-shift step ``Σ e_i x_i / Σ e_i − u`` (a majorise-minimise step, which never
     increases the objective). ``Σ e_i = n − objective``, so larger is better.
     """
-    g, h, w = sums(x, u, a)  # type: ignore[operator]
+    g, h, w = sums(x, u, a)
     newton = -a * g / h
     shift = -a * g / w
     use_newton = (h > 0) & (newton.abs() <= a)
@@ -280,16 +319,14 @@ def _solve_welsch(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) ->
             better = w > best_w
             best = torch.where(better, u, best)
             best_w = torch.where(better, w, best_w)
-    u = best
-    rtol = math.sqrt(_finfo(x).eps)
-    polish = 1
-    for _ in range(100):
-        u, step, _ = _welsch_update(sums, x, u, a)
-        if not bool((step > rtol * (u.abs() + a)).any()):
-            if polish <= 0:
-                break
-            polish -= 1
-    return u
+
+    def update(
+        x: Tensor, a: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        u, step, _ = _welsch_update(sums, x, state[0], a)
+        return (u,), step
+
+    return _iterate_rows(update, x, a, (best,), math.sqrt(_finfo(x).eps), 100, 1)
 
 
 _TRUNCATED_BLOCK = 1 << 18  # elements per block of rows in the truncated-quadratic solver
