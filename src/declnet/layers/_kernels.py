@@ -92,6 +92,11 @@ def row_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
+def shortest_window(s: Tensor, k: int) -> Tensor:
+    """Index ``j`` of the shortest window ``s[j + k] − s[j]`` of sorted rows; ``(M, 1)``."""
+    return (s[:, k:] - s[:, :-k]).argmin(-1, keepdim=True)
+
+
 def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Σ φ'(u − x_i) and Σ φ''(u − x_i) for the pseudo-Huber penalty; each ``(M, 1)``."""
     z = u - x
@@ -223,6 +228,7 @@ _EAGER: dict[str, Callable[..., object]] = {
     f.__name__: f
     for f in (
         row_stats,
+        shortest_window,
         pseudo_huber_sums,
         huber_sums,
         welsch_sums,
@@ -247,7 +253,9 @@ def kernel(name: str, x: Tensor) -> Callable[..., object]:
         return eager
     compiled = _compiled.get(name)
     if compiled is None:
-        compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+        # dynamic=None: the first shape is specialised; a second one (a last block of rows,
+        # rows set aside after converging) compiles one shape-generic version.
+        compiled = torch.compile(eager, fullgraph=True, dynamic=None)
         _compiled[name] = compiled
 
     def run(*args: Tensor) -> object:

@@ -292,8 +292,9 @@ def _welsch_starts(x: Tensor, mean: Tensor) -> list[Tensor]:
     s = _sorted_rows(x)
     picks = sorted({round(q * (n - 1)) for q in _WELSCH_QUANTILES})
     starts = [mean] + [s[:, i : i + 1].contiguous() for i in picks]
+    shortest = kernel("shortest_window", x)
     for k in sorted({min(n - 1, max(1, round(f * n))) for f in _WELSCH_WINDOWS}) if n > 1 else ():
-        j = (s[:, k:] - s[:, :-k]).argmin(-1, keepdim=True)
+        j = shortest(s, k)
         starts.append(0.5 * (s.gather(1, j) + s.gather(1, j + k)))
     return starts
 
@@ -343,15 +344,17 @@ def _solve_truncated(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     m, n = x.shape
     rows = max(1, _TRUNCATED_BLOCK // max(n, 1))
     if m <= rows:
-        return _solve_truncated_block(x, a)
+        return _solve_truncated_block(x, a, x)
     parts = [
-        _solve_truncated_block(x[i : i + rows], a if a.dim() == 0 else a[i : i + rows])
+        _solve_truncated_block(x[i : i + rows], a if a.dim() == 0 else a[i : i + rows], x)
         for i in range(0, m, rows)
     ]
     return tuple(torch.cat(p, 0) for p in zip(*parts))  # type: ignore[return-value]
 
 
-def _solve_truncated_block(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _solve_truncated_block(
+    x: Tensor, a: Tensor, whole: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Exact global minimum of ``Σ_i min((u − x_i)², α²)/2`` by enumerating inlier windows.
 
     Between consecutive breakpoints ``x_i ± α`` the inlier set is a fixed window of the
@@ -368,7 +371,7 @@ def _solve_truncated_block(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
     m, n = x.shape
     s = _sorted_rows(x)
     centre = s[:, (n - 1) // 2 : (n - 1) // 2 + 1]
-    p1, p2 = kernel("truncated_prefix_sums", x)(s, centre)  # type: ignore[misc]
+    p1, p2 = kernel("truncated_prefix_sums", whole)(s, centre)  # type: ignore[misc]
     # r_k = #{s_i ≤ s_k + 2α}, and l_k = #{j : r_j ≤ k} by counting (int32 halves the memory).
     exit_end = torch.searchsorted(s, s + 2 * a, right=True, out_int32=True)
     counts = torch.zeros(m, n + 1, dtype=torch.int32, device=x.device)
@@ -376,7 +379,7 @@ def _solve_truncated_block(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
     entry_begin = counts.cumsum(-1, dtype=torch.int32)[:, :n]
     del counts
     a2 = (a.to(torch.float64) ** 2).reshape(-1, 1) if a.dim() else a.to(torch.float64) ** 2
-    costs = kernel("truncated_window_costs", x)
+    costs = kernel("truncated_window_costs", whole)
     best_exit, k_exit = costs(p1, p2, exit_end, a2, True)  # type: ignore[misc]
     best_entry, k_entry = costs(p1, p2, entry_begin, a2, False)  # type: ignore[misc]
     use_exit = best_exit < best_entry
@@ -386,7 +389,7 @@ def _solve_truncated_block(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
     # (The clamps only matter for rows holding NaN, whose output is set to NaN later.)
     lo = s.gather(1, begin.clamp(0, n - 1))
     hi = s.gather(1, (end - 1).clamp(0, n - 1))
-    total, count = kernel("window_sums", x)(x, lo, hi)  # type: ignore[misc]
+    total, count = kernel("window_sums", whole)(x, lo, hi)  # type: ignore[misc]
     return total / count, lo, hi, count
 
 
