@@ -678,7 +678,8 @@ def _vector_irls(pen: Penalty, x: Tensor, y: Tensor, a: Tensor, max_iter: int) -
     objective never increases (Weiszfeld-type iteration; mean shift for Welsch).
     """
     ar = a.reshape(-1, 1) if a.dim() else a
-    rtol = 8 * _finfo(x).eps
+    # Smooth penalties are finished by Newton steps, so sqrt(eps) is enough here.
+    rtol = math.sqrt(_finfo(x).eps) if pen.is_smooth else 8 * _finfo(x).eps
     for _ in range(max_iter):
         r = torch.linalg.vector_norm(y.unsqueeze(1) - x, dim=-1)  # (M, n)
         w = pen.weight(r, ar)
