@@ -165,48 +165,54 @@ def _reduce_to(grad: Tensor, like: float | Tensor) -> Tensor | None:
 
 
 def _dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    return (a * b).sum(dim, keepdim=True)
+    """⟨a, b⟩ along ``dim``, keeping it (shape of the batch with size 1 at ``dim``)."""
+    return torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim)
 
+
+# Implementation note: the VJPs below use only arithmetic kernels (sign, division with
+# rounding, addcmul, vecdot); full-size boolean masks and torch.where are avoided
+# because they are several times slower on CPU.
 
 # --------------------------------------------------------------------------------------
 # p = 2: closed form, equation (47)
 # --------------------------------------------------------------------------------------
 
 
-def _l2_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> tuple[Tensor, Tensor]:
+def _l2_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     norm = torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True)
     if ball:
-        # Strictly inside: scale 1. On or outside: r / ‖x‖ (equal to 1 on the boundary).
-        scale = torch.where(norm > r, r / norm, torch.ones_like(norm))
-        return x * scale, norm
-    zero = norm == 0
-    scale = r / torch.where(zero, torch.ones_like(norm), norm)
+        # r / max(‖x‖, r): 1 inside (and on) the ball, r / ‖x‖ outside.
+        return x * (r / torch.clamp(norm, min=r))
+    zero_rows = norm == 0
+    if x.device.type == "cpu" and not bool(zero_rows.any()):
+        return x * (r / norm)  # the common case, without the x = 0 fix-up below
+    zero = zero_rows.to(x.dtype)
+    scale = r / (norm + zero)
     y = x * scale
     # x = 0: every point of the sphere is a solution; return r e_1 (the first
     # coordinate along dim). This touches one column only.
-    first = y.narrow(dim, 0, 1)
-    first.add_(torch.where(zero, scale, torch.zeros_like(scale)))
-    return y, norm
+    y.narrow(dim, 0, 1).add_(zero * scale)
+    return y
 
 
 def _l2_backward(
-    v: Tensor, y: Tensor, norm: Tensor, r: float | Tensor, dim: int, ball: bool
+    v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, ball: bool
 ) -> tuple[Tensor, Tensor]:
-    # Table 2: Dy = (r / ‖x‖)(I − ŷŷᵀ), ŷ = y / r; applied as a VJP without forming it.
-    # At x = 0 (sphere) the factor r/‖x‖ is replaced by 1: the tangent projector at y.
+    # Table 2: Dy = (r / ‖x‖)(I − ŷŷᵀ) with ŷ = y / r, applied as a VJP without forming it.
+    # At x = 0 (sphere) the factor r / ‖x‖ is replaced by 1: the tangent projector at y.
+    norm = torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True)
     yv = _dot(y, v, dim)
     if ball:
-        active = norm >= r
-        factor = torch.where(active, r / norm, torch.ones_like(norm))
-        radial = torch.where(active, yv / (r * r), torch.zeros_like(yv))
+        # Active on and outside the boundary (the one-sided gradient from outside).
+        active = (norm >= r).to(v.dtype)
+        factor = r / torch.clamp(norm, min=r)
+        radial = active * yv / (r * r)
     else:
-        positive = norm > 0
-        safe = torch.where(positive, norm, torch.ones_like(norm))
-        factor = torch.where(positive, r / safe, torch.ones_like(norm))
+        zero = (norm == 0).to(v.dtype)
+        factor = r / (norm + zero * r)
         radial = yv / (r * r)
-    grad_x = factor * (v - y * radial)
-    grad_r = radial * r  # ⟨v, ŷ⟩ = dy/dr · v on active rows, 0 inside the ball
-    return grad_x, grad_r
+    grad_x = torch.addcmul(v * factor, y, radial * factor, value=-1.0)
+    return grad_x, radial * r  # v · dy/dr = ⟨v, ŷ⟩ on active rows, 0 strictly inside
 
 
 # --------------------------------------------------------------------------------------
@@ -218,11 +224,15 @@ def _linf_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     y = torch.clamp(x, -r, r)
     if ball:
         return y
-    # Sphere from inside: push the largest magnitude (first one on ties) out to ±r.
-    peak, index = x.abs().max(dim=dim, keepdim=True)
-    inside = peak < r
-    x_peak = x.gather(dim, index)
-    pushed = torch.where(x_peak < 0, -r * torch.ones_like(x_peak), r * torch.ones_like(x_peak))
+    # Sphere from inside: push the largest magnitude (the first one on ties) out to ±r,
+    # with sign(0) = +1. On CPU the rows are checked first so that the common case
+    # (every row on or outside the sphere) costs one extra reduction only.
+    magnitude = x.abs()
+    inside = magnitude.amax(dim=dim, keepdim=True) < r
+    if x.device.type == "cpu" and not bool(inside.any()):
+        return y
+    index = magnitude.argmax(dim=dim, keepdim=True)
+    pushed = torch.where(x.gather(dim, index) < 0, -r, r)
     y.scatter_(dim, index, torch.where(inside, pushed, y.gather(dim, index)))
     return y
 
@@ -230,20 +240,20 @@ def _linf_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
 def _linf_backward(
     v: Tensor, y: Tensor, r: float | Tensor, dim: int, masked: bool
 ) -> tuple[Tensor, Tensor]:
-    # Active set I* = {i : |y_i| = r} (for the ball: coordinates with |x_i| >= r, so
-    # coordinates exactly at ±r count as active). D_Y h = sign(y) on I*, 0 elsewhere.
-    active = y.abs() >= r
-    signs = torch.where(active, torch.sign(y), torch.zeros_like(y))
+    # a = D_Y h = sign(y) on I* = {i : |y_i| = r}, 0 elsewhere. Truncating y / r gives
+    # exactly that (|y_i| < r truncates to 0); coordinates of the ball's input lying
+    # exactly at ±r are therefore active, as are any within one rounding of ±r.
+    signs = y.div(r, rounding_mode="trunc")
     sv = _dot(signs, v, dim)
     if masked:
-        # D²y = I − diag(|D_Y h|): the clipped coordinates are frozen.
-        grad_x = torch.where(active, torch.zeros_like(v), v)
+        # D²y = I − diag(|a|): the clipped coordinates are frozen (clamp's gradient).
+        grad_x = torch.addcmul(v, v, signs.abs(), value=-1.0)
     else:
-        # Dy = I − aaᵀ/(aᵀa), a = D_Y h; rows with no active coordinate are the identity.
-        count = active.sum(dim, keepdim=True).clamp_min(1).to(v.dtype)
-        grad_x = v - signs * (sv / count)
-    # dy/dr = sign(y) on I* (Prop. 4.5 with the subgradient of max|u| that averages
-    # over ties); both variants share it.
+        # Dy = I − aaᵀ/(aᵀa); rows with no active coordinate get the identity.
+        count = _dot(signs, signs, dim).clamp_min(1.0)
+        grad_x = torch.addcmul(v, signs, sv / count, value=-1.0)
+    # v · dy/dr = ⟨v, a⟩: Prop. 4.5 with C = −1 and the subgradient of max|u| that
+    # averages over ties (a / |I*|), which is also the exact derivative.
     return grad_x, sv
 
 
@@ -269,35 +279,32 @@ def _sorted_threshold(values: Tensor, total: float | Tensor, dim: int) -> Tensor
     return excess.gather(dim, rho - 1) / rho.to(values.dtype)
 
 
-def _l1_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> tuple[Tensor, Tensor]:
+def _l1_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     magnitude = x.abs()
     tau = _sorted_threshold(magnitude, r, dim)
     # tau < 0 means ‖x‖₁ < r. Ball: keep x. Sphere: add |tau| to every magnitude
-    # (projection onto the nearest facet), with sign(0) taken as +1.
-    inside = tau < 0
+    # (the projection onto the nearest facet), with the sign of +0 taken as +1.
     if ball:
-        tau = tau.clamp_min(0)
-    y = torch.copysign(torch.relu(magnitude - tau), x)
-    return y, inside
+        tau = tau.clamp_min(0.0)
+    return torch.copysign(torch.relu(magnitude - tau), x)
 
 
 def _l1_backward(
-    v: Tensor, y: Tensor, inside: Tensor, dim: int, ball: bool, masked: bool
+    v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, ball: bool, masked: bool
 ) -> tuple[Tensor, Tensor]:
-    # Table 2: a = D_Y h = sign(y) (0 at zeros), k = aᵀa = |support|.
+    # Table 2: a = D_Y h = sign(y) (0 at zeros) and aᵀa = |support|.
     signs = torch.sign(y)
-    support = y != 0
-    count = support.sum(dim, keepdim=True).clamp_min(1).to(v.dtype)
+    count = _dot(signs, signs, dim).clamp_min(1.0)
     coef = _dot(signs, v, dim) / count  # = v · dy/dr
+    keep = signs.abs()
     if ball:
-        coef = torch.where(inside, torch.zeros_like(coef), coef)
-    if masked:
-        # D²y = diag(|a|) − aaᵀ/k: coordinates projected to zero are frozen.
-        keep = support | inside if ball else support
-        base = torch.where(keep, v, torch.zeros_like(v))
-    else:
-        base = v  # Dy = I − aaᵀ/k
-    return base - signs * coef, coef
+        # Strictly inside: identity. On the boundary: the sphere's gradient.
+        inside = (x.abs().sum(dim, keepdim=True) < r).to(v.dtype)
+        coef = coef * (1.0 - inside)
+        keep = torch.maximum(keep, inside)
+    # Dy = I − aaᵀ/k; masked: D²y = diag(|a|) − aaᵀ/k (zeroed coordinates are frozen).
+    base = v * keep if masked else v
+    return torch.addcmul(base, signs, coef, value=-1.0), coef
 
 
 # --------------------------------------------------------------------------------------
@@ -396,10 +403,26 @@ def _safeguarded_newton(
     return t
 
 
-def _general_p_unit(a: Tensor, p: float, ball: bool) -> tuple[Tensor, Tensor]:
-    """Project rows of a ≥ 0 (shape (N, n)) onto the unit Lp sphere/ball; returns (z, inside)."""
-    dtype = a.dtype
-    norm_p = torch.linalg.vector_norm(a, p, dim=-1, keepdim=True)
+def _general_prepare(
+    x: Tensor, r: float | Tensor, dim: int, p: float
+) -> tuple[Tensor, Tensor, float | Tensor]:
+    """|x| / r in float64 as rows (N, n), its Lp norms (N, 1), and r moved likewise.
+
+    Forward and backward both call this, so the inside/outside decision is identical.
+    """
+    work = x.detach().movedim(dim, -1)
+    if isinstance(r, Tensor):
+        rr: float | Tensor = r.detach().movedim(dim, -1)
+        scaled = work.abs().to(torch.float64) / rr.to(torch.float64)
+    else:
+        rr = r
+        scaled = work.abs().to(torch.float64) / r
+    scaled = scaled.reshape(-1, work.shape[-1])
+    return scaled, torch.linalg.vector_norm(scaled, p, dim=-1, keepdim=True), rr
+
+
+def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> Tensor:
+    """Project rows of a ≥ 0 (shape (N, n), Lp norms norm_p) onto the unit sphere/ball."""
     outside = norm_p > 1.0
     inside = norm_p < 1.0
     z = a.clone()
@@ -422,7 +445,7 @@ def _general_p_unit(a: Tensor, p: float, ball: bool) -> tuple[Tensor, Tensor]:
     if not ball and bool(inside.any()):
         rows = inside.squeeze(-1)
         z[rows] = _general_p_push_out(a[rows], p)
-    return z.to(dtype), inside
+    return z
 
 
 def _general_p_push_out(a: Tensor, p: float) -> Tensor:
@@ -469,35 +492,21 @@ def _general_p_push_out(a: Tensor, p: float) -> Tensor:
     return _rising_root(others, c, p).scatter(-1, index, t)
 
 
-def _general_forward(
-    x: Tensor, r: float | Tensor, dim: int, p: float, ball: bool
-) -> tuple[Tensor, Tensor]:
+def _general_forward(x: Tensor, r: float | Tensor, dim: int, p: float, ball: bool) -> Tensor:
+    scaled, norm_p, rr = _general_prepare(x, r, dim, p)  # solved in float64, unit radius
     work = x.movedim(dim, -1)
-    rr = r.movedim(dim, -1) if isinstance(r, Tensor) else r
-    scaled = (work.abs() / rr).to(torch.float64)  # solve in float64 on the unit sphere
-    shape = scaled.shape
-    z, inside = _general_p_unit(scaled.reshape(-1, shape[-1]), p, ball)
-    z = z.reshape(shape).to(x.dtype)
-    y = torch.copysign(z * rr, work)
-    inside = inside.reshape((*shape[:-1], 1))
-    return y.movedim(-1, dim).contiguous(), inside.movedim(-1, dim)
+    z = _general_p_unit(scaled, norm_p, p, ball).reshape(work.shape).to(x.dtype)
+    y = torch.copysign(z * (rr.to(x.dtype) if isinstance(rr, Tensor) else rr), work)
+    return y.movedim(-1, dim).contiguous()
 
 
 def _general_backward(
-    v: Tensor,
-    x: Tensor,
-    y: Tensor,
-    inside: Tensor,
-    r: float | Tensor,
-    dim: int,
-    p: float,
-    ball: bool,
+    v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, p: float, ball: bool
 ) -> tuple[Tensor, Tensor]:
     # h(u) = Σ|u_i|^p − r^p; ∇h = p g with g = sign(y)|y|^(p−1); λ from eq. (25).
     magnitude = y.abs()
     g = torch.sign(y) * magnitude ** (p - 1.0)
-    gg = _dot(g, g, dim)
-    lam = _dot(y - x, g, dim) / gg  # y − x = lam · g  (lam = λ p)
+    lam = _dot(y - x, g, dim) / _dot(g, g, dim)  # y − x = lam · g  (lam = λ p)
     # H = I − λ ∇²h = diag(1 − lam (p−1) |y|^(p−2)); d = 1 / H_ii, finite at y_i = 0.
     if p >= 2.0:
         d = 1.0 / (1.0 - lam * (p - 1.0) * magnitude ** (p - 2.0))
@@ -506,13 +515,17 @@ def _general_backward(
         den = t - lam * (p - 1.0)
         d = torch.where(den == 0, torch.ones_like(t), t / torch.where(den == 0, 1.0, den))
     dg = d * g
-    gdg = _dot(g, dg, dim)
     # Corollary 4.7 with B = −I: Dy = H⁻¹ − H⁻¹aaᵀH⁻¹ / (aᵀH⁻¹a), symmetric.
-    coef = _dot(dg, v, dim) / gdg
+    coef = _dot(dg, v, dim) / _dot(g, dg, dim)
     grad_x = d * v - dg * coef
-    # dy/dr = H⁻¹a (p r^(p−1)) / (aᵀH⁻¹a) (Prop. 4.5 with C = −p r^(p−1)).
+    # dy/dr = H⁻¹a (p r^(p−1)) / (aᵀH⁻¹a) (Prop. 4.5 with C = D_r h = −p r^(p−1)).
     grad_r = coef * r ** (p - 1.0)
     if ball:
+        # Strictly inside: y = x and Dy = I (same decision as the forward).
+        _, norm_p, _ = _general_prepare(x, r, dim, p)
+        shape = list(x.movedim(dim, -1).shape)
+        shape[-1] = 1
+        inside = (norm_p < 1.0).reshape(shape).movedim(-1, dim)
         grad_x = torch.where(inside, v, grad_x)
         grad_r = torch.where(inside, torch.zeros_like(grad_r), grad_r)
     return grad_x, grad_r
@@ -524,57 +537,48 @@ def _general_backward(
 
 
 class _LpProjectionFunction(torch.autograd.Function):
-    """(y, aux) = Π(x) onto an Lp sphere or ball, with a closed-form one-pass backward.
+    """y = Π(x) onto an Lp sphere or ball, with a closed-form one-pass backward.
 
-    ``aux`` is a per-row fact the backward needs and the forward computes anyway
-    (‖x‖₂ for p = 2, the strictly-inside flag for p = 1 and general p); it is marked
-    non-differentiable and dropped by the public functions.
+    Written in the ``forward`` / ``setup_context`` / ``backward`` form. The backward
+    recomputes the few per-row facts it needs (‖x‖₂, the inside-the-ball flag) from the
+    saved ``x`` with the forward's own expressions, so that decisions agree exactly.
     """
 
     @staticmethod
     def forward(
         x: Tensor, radius: float | Tensor, p: float, ball: bool, dim: int, masked: bool
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Tensor:
         if p == 2.0:
             return _l2_forward(x, radius, dim, ball)
         if p == math.inf:
-            y = _linf_forward(x, radius, dim, ball)
-            return y, y.new_empty(0)
+            return _linf_forward(x, radius, dim, ball)
         if p == 1.0:
             return _l1_forward(x, radius, dim, ball)
         return _general_forward(x, radius, dim, p, ball)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, radius, p, ball, dim, masked = inputs
-        y, aux = output
-        ctx.mark_non_differentiable(aux)
         ctx.p, ctx.ball, ctx.dim, ctx.masked = p, ball, dim, masked
         ctx.radius_is_tensor = isinstance(radius, Tensor)
         ctx.radius_float = None if ctx.radius_is_tensor else radius
-        general = p not in (1.0, 2.0, math.inf)
-        saved = [y, aux, *([x] if general else []), *([radius] if ctx.radius_is_tensor else [])]
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(x, output, *([radius] if ctx.radius_is_tensor else []))
 
     @staticmethod
-    def backward(ctx: Any, v: Tensor, _aux_grad: Any) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         p, ball, dim, masked = ctx.p, ctx.ball, ctx.dim, ctx.masked
-        general = p not in (1.0, 2.0, math.inf)
-        saved = list(ctx.saved_tensors)
-        y, aux = saved[0], saved[1]
-        x = saved[2] if general else None
-        r = saved[-1] if ctx.radius_is_tensor else ctx.radius_float
+        x, y, *rest = ctx.saved_tensors
+        r = rest[0] if ctx.radius_is_tensor else ctx.radius_float
         if p == 2.0:
-            grad_x, grad_r = _l2_backward(v, y, aux, r, dim, ball)
+            grad_x, grad_r = _l2_backward(v, x, y, r, dim, ball)
         elif p == math.inf:
             grad_x, grad_r = _linf_backward(v, y, r, dim, masked)
         elif p == 1.0:
-            grad_x, grad_r = _l1_backward(v, y, aux, dim, ball, masked)
+            grad_x, grad_r = _l1_backward(v, x, y, r, dim, ball, masked)
         else:
-            grad_x, grad_r = _general_backward(v, x, y, aux, r, dim, p, ball)
+            grad_x, grad_r = _general_backward(v, x, y, r, dim, p, ball)
         grad_radius = _reduce_to(grad_r, r) if ctx.needs_input_grad[1] else None
-        grad_x = grad_x if ctx.needs_input_grad[0] else None
-        return grad_x, grad_radius, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_radius, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -588,8 +592,7 @@ def _project(
     p = _check_p(p)
     dim = _check_x(x, dim)
     r = _prepare_radius(radius, x, dim)
-    y, _ = _LpProjectionFunction.apply(x, r, p, kind == "ball", dim, bool(masked))
-    return y
+    return _LpProjectionFunction.apply(x, r, p, kind == "ball", dim, bool(masked))
 
 
 def project_onto_sphere(
@@ -709,10 +712,9 @@ class _SimplexFunction(torch.autograd.Function):
         y, *rest = ctx.saved_tensors
         dim = ctx.dim
         # Dy = diag(s) − s sᵀ / |S| with s the indicator of the support S = {y > 0}.
-        support = y > 0
-        count = support.sum(dim, keepdim=True).clamp_min(1).to(v.dtype)
-        mean = torch.where(support, v, torch.zeros_like(v)).sum(dim, keepdim=True) / count
-        grad_x = torch.where(support, v - mean, torch.zeros_like(v))
+        support = torch.sign(y)
+        mean = _dot(support, v, dim) / _dot(support, support, dim).clamp_min(1.0)
+        grad_x = support * (v - mean)
         grad_total = mean.sum_to_size(rest[0].shape) if ctx.total_is_tensor else None
         return (grad_x if ctx.needs_input_grad[0] else None), grad_total, None
 
