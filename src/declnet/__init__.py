@@ -8,4 +8,19 @@ back-propagating through the solver.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# Lp projections (paper §5.2, Table 2)
+from .layers.projections import (
+    LpProjection,
+    project_onto_ball,
+    project_onto_simplex,
+    project_onto_sphere,
+)
+
+__all__ = [  # noqa: RUF022 (grouped by topic)
+    "__version__",
+    # Lp projections
+    "LpProjection",
+    "project_onto_ball",
+    "project_onto_simplex",
+    "project_onto_sphere",
+]

@@ -232,7 +232,8 @@ def _linf_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     if x.device.type == "cpu" and not bool(inside.any()):
         return y
     index = magnitude.argmax(dim=dim, keepdim=True)
-    pushed = torch.where(x.gather(dim, index) < 0, -r, r)
+    x_peak = x.gather(dim, index)
+    pushed = torch.copysign(r if isinstance(r, Tensor) else torch.full_like(x_peak, r), x_peak)
     y.scatter_(dim, index, torch.where(inside, pushed, y.gather(dim, index)))
     return y
 
@@ -282,10 +283,12 @@ def _sorted_threshold(values: Tensor, total: float | Tensor, dim: int) -> Tensor
 def _l1_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     magnitude = x.abs()
     tau = _sorted_threshold(magnitude, r, dim)
-    # tau < 0 means ‖x‖₁ < r. Ball: keep x. Sphere: add |tau| to every magnitude
-    # (the projection onto the nearest facet), with the sign of +0 taken as +1.
+    # tau < 0 means ‖x‖₁ < r. Sphere: add |tau| to every magnitude (the projection onto
+    # the nearest facet), with the sign of +0 taken as +1. Ball: keep x strictly inside,
+    # decided by the same expression as in the backward so that both agree exactly.
     if ball:
-        tau = tau.clamp_min(0.0)
+        inside = (magnitude.sum(dim, keepdim=True) < r).to(x.dtype)
+        tau = tau.clamp_min(0.0) * (1.0 - inside)
     return torch.copysign(torch.relu(magnitude - tau), x)
 
 
@@ -421,8 +424,11 @@ def _general_prepare(
     return scaled, torch.linalg.vector_norm(scaled, p, dim=-1, keepdim=True), rr
 
 
-def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> Tensor:
-    """Project rows of a ≥ 0 (shape (N, n), Lp norms norm_p) onto the unit sphere/ball."""
+def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> tuple[Tensor, Tensor]:
+    """Project rows of a ≥ 0 (shape (N, n), Lp norms norm_p) onto the unit sphere/ball.
+
+    Returns the projected rows and a (N, 1) flag of the rows that moved.
+    """
     outside = norm_p > 1.0
     inside = norm_p < 1.0
     z = a.clone()
@@ -445,7 +451,7 @@ def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> Tensor:
     if not ball and bool(inside.any()):
         rows = inside.squeeze(-1)
         z[rows] = _general_p_push_out(a[rows], p)
-    return z
+    return z, outside if ball else outside | inside
 
 
 def _general_p_push_out(a: Tensor, p: float) -> Tensor:
@@ -495,8 +501,11 @@ def _general_p_push_out(a: Tensor, p: float) -> Tensor:
 def _general_forward(x: Tensor, r: float | Tensor, dim: int, p: float, ball: bool) -> Tensor:
     scaled, norm_p, rr = _general_prepare(x, r, dim, p)  # solved in float64, unit radius
     work = x.movedim(dim, -1)
-    z = _general_p_unit(scaled, norm_p, p, ball).reshape(work.shape).to(x.dtype)
+    z, moved = _general_p_unit(scaled, norm_p, p, ball)
+    z = z.reshape(work.shape).to(x.dtype)
     y = torch.copysign(z * (rr.to(x.dtype) if isinstance(rr, Tensor) else rr), work)
+    # Rows left in place return x itself (not |x| / r · r, which may round differently).
+    y = torch.where(moved.reshape((*work.shape[:-1], 1)), y, work)
     return y.movedim(-1, dim).contiguous()
 
 
