@@ -6,7 +6,16 @@ implicit differentiation of the optimality conditions rather than from
 back-propagating through the solver.
 """
 
-__version__ = "0.1.0"
+from ._diagnostics import DeclarativeWarning, OptimalityResidual
+from ._function import DeclarativeFunction, declarative
+from ._implicit import ImplicitBackward, UnrolledBackward, implicit_vjp, optimality_residual
+from ._node import (
+    DeclarativeNode,
+    EqualityConstrainedNode,
+    InequalityConstrainedNode,
+    LinearEqualityConstrainedNode,
+    Solution,
+)
 
 # Lp projections (paper §5.2, Table 2)
 from .layers.projections import (
@@ -16,9 +25,27 @@ from .layers.projections import (
     project_onto_sphere,
 )
 
-__all__ = [  # noqa: RUF022 (grouped by topic)
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeclarativeFunction",
+    "DeclarativeNode",
+    "DeclarativeWarning",
+    "EqualityConstrainedNode",
+    "ImplicitBackward",
+    "InequalityConstrainedNode",
+    "LinearEqualityConstrainedNode",
+    "OptimalityResidual",
+    "Solution",
+    "UnrolledBackward",
     "__version__",
-    # Lp projections
+    "declarative",
+    "implicit_vjp",
+    "optimality_residual",
+]
+
+# Lp projections
+__all__ += [
     "LpProjection",
     "project_onto_ball",
     "project_onto_simplex",
