@@ -547,3 +547,13 @@ def test_cuda_matches_cpu(p, kind):
         results.append([t.cpu() for t in (y, gx, gr)])
     for cpu, cuda in zip(*results):
         torch.testing.assert_close(cuda, cpu)
+
+
+@pytest.mark.parametrize("p", PS, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_grad_path_gives_the_same_output(p, kind):
+    x = torch.cat([sample(120, 0.1), sample(121, 3.0)])
+    with torch.no_grad():
+        fast = project(kind)(x, p, 1.1)
+    slow = project(kind)(x.clone().requires_grad_(True), p, 1.1)
+    assert torch.equal(fast, slow.detach())

@@ -43,8 +43,8 @@ RadiusLike = Union[float, int, Tensor]
 
 _KINDS = ("sphere", "ball")
 
-# General-p solver settings: iteration caps and the relative tolerance of the
-# multiplier equation. Both are far from binding on well-scaled inputs.
+# General-p solver settings: iteration caps of the outer (multiplier) and inner
+# (per-coordinate) Newton loops; both are far from binding on well-scaled inputs.
 _OUTER_ITERS = 100
 _INNER_ITERS = 60
 
@@ -601,7 +601,12 @@ def _project(
     p = _check_p(p)
     dim = _check_x(x, dim)
     r = _prepare_radius(radius, x, dim)
-    return _LpProjectionFunction.apply(x, r, p, kind == "ball", dim, bool(masked))
+    ball = kind == "ball"
+    needs_grad = x.requires_grad or (isinstance(r, Tensor) and r.requires_grad)
+    if not (needs_grad and torch.is_grad_enabled()):
+        # Nothing to differentiate: skip the autograd.Function and its bookkeeping.
+        return _LpProjectionFunction.forward(x, r, p, ball, dim, bool(masked))
+    return _LpProjectionFunction.apply(x, r, p, ball, dim, bool(masked))
 
 
 def project_onto_sphere(
