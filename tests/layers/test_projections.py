@@ -494,11 +494,19 @@ def test_module_registers_radius_and_matches_functional():
             r"p must be >= 1.*got p=0.5.*Allowed: 1, 2, math.inf",
         ),
         (lambda x: project_onto_ball(x, float("nan")), r"p must be >= 1"),
-        (lambda x: project_onto_ball(x, 2, radius=0.0), r"radius must be > 0; got radius=0.0"),
+        (
+            lambda x: project_onto_ball(x, 2, radius=0.0),
+            r"radius must be > 0 and finite; got radius=0.0",
+        ),
         (lambda x: project_onto_ball(x, 2, radius=-1.0), r"radius must be > 0"),
         (
             lambda x: project_onto_ball(x, 2, radius=torch.tensor([1.0, -2.0])),
-            r"every entry of radius must be > 0",
+            r"every entry of radius must be > 0 and finite; got radius = -2.0",
+        ),
+        (lambda x: project_onto_sphere(x, 2, radius=math.inf), r"got radius=inf"),
+        (
+            lambda x: project_onto_sphere(x, 2, radius=torch.ones(3, 1)),
+            r"radius of shape \(3, 1\) does not broadcast to x of shape \(2, 5\)",
         ),
         (
             lambda x: project_onto_sphere(x, 2, dim=2),

@@ -107,8 +107,8 @@ def _prepare_radius(radius: Any, x: Tensor, dim: int, name: str = "radius") -> f
         raise TypeError(f"{name} must be a positive float or tensor; got {radius!r}.")
     if isinstance(radius, (int, float)):
         radius = float(radius)
-        if not radius > 0.0:  # also rejects NaN
-            raise ValueError(f"{name} must be > 0; got {name}={radius}.")
+        if not (radius > 0.0 and math.isfinite(radius)):  # also rejects NaN
+            raise ValueError(f"{name} must be > 0 and finite; got {name}={radius}.")
         return radius
     if not isinstance(radius, Tensor):
         raise TypeError(
@@ -143,16 +143,19 @@ def _prepare_radius(radius: Any, x: Tensor, dim: int, name: str = "radius") -> f
         lead = (1,) * (len(batch_shape) - radius.dim())
         keepdim = radius.reshape(lead + tuple(radius.shape)).unsqueeze(dim)
     try:
-        torch.broadcast_shapes(keepdim.shape, x.shape)
-    except RuntimeError as err:
+        ok = torch.broadcast_shapes(keepdim.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
         raise ValueError(
-            f"{name} of shape {tuple(radius.shape)} does not broadcast against x of shape "
-            f"{tuple(x.shape)}."
-        ) from err
-    bad = ~(keepdim > 0)  # also catches NaN
+            f"{name} of shape {tuple(radius.shape)} does not broadcast to x of shape "
+            f"{tuple(x.shape)} with size 1 along dim={dim}."
+        )
+    bad = ~((keepdim > 0) & torch.isfinite(keepdim))  # also catches NaN
     if bool(bad.any()):
         raise ValueError(
-            f"every entry of {name} must be > 0; got min {name} = {keepdim.min().item()}."
+            f"every entry of {name} must be > 0 and finite; got "
+            f"{name} = {keepdim.detach().flatten()[bad.flatten()][0].item()}."
         )
     return keepdim
 
@@ -817,8 +820,8 @@ class LpProjection(nn.Module):
         else:
             if isinstance(radius, bool) or not isinstance(radius, (int, float)):
                 raise TypeError(f"radius must be a positive float or tensor; got {radius!r}.")
-            if not float(radius) > 0:
-                raise ValueError(f"radius must be > 0; got radius={radius}.")
+            if not (float(radius) > 0 and math.isfinite(radius)):
+                raise ValueError(f"radius must be > 0 and finite; got radius={radius}.")
             self.radius = float(radius)
 
     def forward(self, x: Tensor) -> Tensor:
