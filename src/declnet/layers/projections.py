@@ -318,27 +318,33 @@ def _l1_backward(
 # --------------------------------------------------------------------------------------
 
 
-def _shrink_coordinates(a: Tensor, nu: Tensor, p: float) -> Tensor:
-    """z ∈ [0, a] solving z + ν p z^(p−1) = a (ν ≥ 0), elementwise; monotone Newton."""
+def _shrink_coordinates(a: Tensor, nu: Tensor, p: float, start: Tensor | None = None) -> Tensor:
+    """z ∈ [0, a] solving z + ν p z^(p−1) = a (ν ≥ 0), elementwise, by Newton's method.
+
+    The equation is convex and increasing in z (p ≥ 2) or in w = z^(p−1) (p < 2), so
+    Newton's method converges from any start: from the right of the root monotonically,
+    and from the left after one step that lands on the right. ``start`` (a previous
+    solution, for warm starts) is capped by the upper bounds a and (a / νp)^(1/(p−1)).
+    """
     small = nu * p
+    bound = torch.minimum(a, (a / small.clamp_min(1e-300)) ** (1.0 / (p - 1.0)))
+    z = bound if start is None else torch.minimum(start, bound)
     if p >= 2.0:
-        # φ(z) = z + νp z^(p−1) − a is convex and increasing: Newton from an upper
-        # bound decreases monotonically to the root.
-        z = torch.minimum(a, (a / small.clamp_min(1e-300)) ** (1.0 / (p - 1.0)))
         for _ in range(_INNER_ITERS):
-            phi = z + small * z ** (p - 1.0) - a
-            slope = 1.0 + small * (p - 1.0) * z ** (p - 2.0)
+            zp2 = z ** (p - 2.0)
+            phi = z + small * zp2 * z - a
+            slope = 1.0 + small * (p - 1.0) * zp2
             step = phi / slope
             z = (z - step).clamp_min(0.0)
             if bool((step.abs() <= 1e-14 * (a + 1e-300)).all()):
                 break
         return z
-    # 1 < p < 2: in w = z^(p−1), ψ(w) = w^q + νp w − a with q = 1/(p−1) > 1 is convex.
     q = 1.0 / (p - 1.0)
-    w = torch.minimum(a ** (p - 1.0), a / small.clamp_min(1e-300))
+    w = z ** (p - 1.0)
     for _ in range(_INNER_ITERS):
-        psi = w**q + small * w - a
-        slope = q * w ** (q - 1.0) + small
+        wq1 = w ** (q - 1.0)
+        psi = wq1 * w + small * w - a
+        slope = q * wq1 + small
         step = psi / slope.clamp_min(1e-300)
         w = (w - step).clamp_min(0.0)
         if bool((step.abs() <= 1e-14 * (w + 1e-300)).all()):
@@ -371,14 +377,20 @@ def _grow_coordinates(a: Tensor, c: Tensor, p: float) -> Tensor:
     return w**q
 
 
-def _rising_root(a: Tensor, c: Tensor, p: float) -> Tensor:
-    """For p > 2: the root z ∈ [a, z*] of z − c p z^(p−1) = a on the increasing branch."""
+def _rising_root(a: Tensor, c: Tensor, p: float, start: Tensor | None = None) -> Tensor:
+    """For p > 2: the root z ∈ [a, z*] of z − c p z^(p−1) = a on the increasing branch.
+
+    g(z) = z − c p z^(p−1) − a is concave, so Newton's method is monotone from the left
+    and lands on the left after one step from the right (``start``, a root for another
+    c, always lies on the rising branch of this one).
+    """
     cp = c * p
-    z = a.clone()
+    z = a.clone() if start is None else start
     for _ in range(_INNER_ITERS):
-        g = z - cp * z ** (p - 1.0) - a
-        slope = (1.0 - cp * (p - 1.0) * z ** (p - 2.0)).clamp_min(1e-12)
-        step = g / slope  # g ≤ 0 and g is concave: Newton from the left is monotone
+        zp2 = z ** (p - 2.0)
+        g = z - cp * zp2 * z - a
+        slope = (1.0 - cp * (p - 1.0) * zp2).clamp_min(1e-12)
+        step = g / slope
         z = z - step
         if bool((step.abs() <= 1e-14 * (z + 1e-300)).all()):
             break
@@ -438,19 +450,26 @@ def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> tuple[Te
     if bool(outside.any()):
         rows = outside.squeeze(-1)
         ao = a[rows]
-        # Φ(ν) = Σ z_i(ν)^p − 1 decreases from Φ(0) > 0; Φ(hi) ≤ 0 at hi = ‖a‖_{p*} / p.
+        # The multiplier equation, written as G(ν) = 1 / ‖z(ν)‖_p − 1 = 0: G increases from
+        # G(0) < 0 and G(hi) ≥ 0 at hi = ‖a‖_{p*} / p (p* the dual exponent). This form
+        # is exactly linear in ν for p = 2 and needs about half the Newton steps of
+        # Σ z^p − 1 for other p.
         dual = p / (p - 1.0)
         hi = torch.linalg.vector_norm(ao, dual, dim=-1, keepdim=True) / p
+        warm = [ao]
 
-        def phi(nu: Tensor) -> tuple[Tensor, Tensor]:
-            zz = _shrink_coordinates(ao, nu, p)
-            value = (zz**p).sum(-1, keepdim=True) - 1.0
-            slope = (p * zz ** (p - 1.0) * _shrink_derivative(zz, nu, p)).sum(-1, keepdim=True)
-            return value, slope
+        def multiplier_equation(nu: Tensor) -> tuple[Tensor, Tensor]:
+            zz = _shrink_coordinates(ao, nu, p, start=warm[0])
+            warm[0] = zz
+            zp1 = zz ** (p - 1.0)
+            total = (zp1 * zz).sum(-1, keepdim=True)  # Σ z^p
+            d_total = (p * zp1 * _shrink_derivative(zz, nu, p)).sum(-1, keepdim=True)
+            norm = total ** (1.0 / p)
+            return 1.0 / norm - 1.0, -d_total / (p * total * norm)
 
         lo = torch.zeros_like(hi)
-        nu = _safeguarded_newton(phi, lo, hi, lo.clone(), increasing=False)
-        z[rows] = _shrink_coordinates(ao, nu, p)
+        nu = _safeguarded_newton(multiplier_equation, lo, hi, lo.clone(), increasing=True)
+        z[rows] = _shrink_coordinates(ao, nu, p, start=warm[0])
     if not ball and bool(inside.any()):
         rows = inside.squeeze(-1)
         z[rows] = _general_p_push_out(a[rows], p)
@@ -487,10 +506,12 @@ def _general_p_push_out(a: Tensor, p: float) -> Tensor:
     top, index = a.max(dim=-1, keepdim=True)
     others = a.scatter(-1, index, torch.zeros_like(top))
     lo, hi = top.clone(), torch.ones_like(top)
+    rest = others
     for _ in range(200):
         t = 0.5 * (lo + hi)
         c = (t - top) / (p * t ** (p - 1.0))
-        zz = _rising_root(others, c, p).scatter(-1, index, t)
+        rest = _rising_root(others, c, p, start=rest)
+        zz = rest.scatter(-1, index, t)
         value = (zz**p).sum(-1, keepdim=True) - 1.0
         lo = torch.where(value < 0, t, lo)
         hi = torch.where(value < 0, hi, t)
@@ -498,7 +519,7 @@ def _general_p_push_out(a: Tensor, p: float) -> Tensor:
             break
     t = 0.5 * (lo + hi)
     c = (t - top) / (p * t ** (p - 1.0))
-    return _rising_root(others, c, p).scatter(-1, index, t)
+    return _rising_root(others, c, p, start=rest).scatter(-1, index, t)
 
 
 def _general_forward(x: Tensor, r: float | Tensor, dim: int, p: float, ball: bool) -> Tensor:
