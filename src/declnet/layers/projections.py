@@ -302,14 +302,16 @@ def _l1_backward(
     signs = torch.sign(y)
     count = _dot(signs, signs, dim).clamp_min(1.0)
     coef = _dot(signs, v, dim) / count  # = v · dy/dr
-    keep = signs.abs()
+    inside = None
     if ball:
         # Strictly inside: identity. On the boundary: the sphere's gradient.
         inside = (x.abs().sum(dim, keepdim=True) < r).to(v.dtype)
         coef = coef * (1.0 - inside)
-        keep = torch.maximum(keep, inside)
     # Dy = I − aaᵀ/k; masked: D²y = diag(|a|) − aaᵀ/k (zeroed coordinates are frozen).
-    base = v * keep if masked else v
+    base = v
+    if masked:
+        keep = signs.abs() if inside is None else torch.maximum(signs.abs(), inside)
+        base = v * keep
     return torch.addcmul(base, signs, coef, value=-1.0), coef
 
 
