@@ -565,3 +565,16 @@ def test_no_grad_path_gives_the_same_output(p, kind):
         fast = project(kind)(x, p, 1.1)
     slow = project(kind)(x.clone().requires_grad_(True), p, 1.1)
     assert torch.equal(fast, slow.detach())
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf, 3.0], ids=str)
+def test_works_under_torch_func_grad(p):
+    x = sample(130, 2.0)
+    weights = torch.arange(N, dtype=DOUBLE)
+
+    def loss(a):
+        return (project_onto_sphere(a, p, 1.0) ** 2 * weights).sum()
+
+    xg = x.clone().requires_grad_(True)
+    loss(xg).backward()
+    torch.testing.assert_close(torch.func.grad(loss)(x), xg.grad)
