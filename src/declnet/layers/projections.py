@@ -655,7 +655,8 @@ def project_onto_sphere(
       the tangent projector I − e_1 e_1ᵀ (the Jacobian at x = r e_1), which is finite
       where the true derivative is unbounded.
     * Ties for the largest magnitude (p = ∞, or p > 2 from inside): the first index.
-    * Zero coordinates are pushed out with a positive sign (p = 1, p < 2 from inside).
+    * Zero coordinates are pushed out with the sign bit of x, so +0 grows positive
+      (p = 1 and p < 2 from inside; at x = 0 every coordinate becomes r n^(−1/p)).
     * From inside with general p the problem is not convex; the solver returns the
       stationary point described in ``docs/projections.md`` (the nearest point in tests).
 
@@ -677,8 +678,8 @@ def project_onto_sphere(
         Tensor of the same shape and dtype as ``x`` with ‖y‖_p = radius along ``dim``.
 
     Raises:
-        ValueError: p < 1, a radius that is not > 0, a ``dim`` out of range, or a radius
-            whose shape does not broadcast.
+        ValueError: p < 1, a radius that is not finite and > 0, a ``dim`` out of range,
+            or a radius whose shape does not broadcast.
         TypeError: a non-floating ``x`` or a ``p`` that is not a number.
 
     Example:
@@ -712,15 +713,16 @@ def project_onto_ball(
             require grad.
         dim: The dimension to project along.
         masked: Use the plateau-free Jacobian D²y (only changes p = 1 and p = ∞): then
-            the p = ∞ gradient equals clamp's and the p = 1 gradient is zero on the
-            coordinates that were projected to zero.
+            the p = ∞ gradient equals clamp's (except that coordinates exactly at ±r
+            count as clipped) and the p = 1 gradient is zero on the coordinates that
+            were projected to zero.
 
     Returns:
         Tensor of the same shape and dtype as ``x`` with ‖y‖_p ≤ radius along ``dim``.
 
     Raises:
-        ValueError: p < 1, a radius that is not > 0, a ``dim`` out of range, or a radius
-            whose shape does not broadcast.
+        ValueError: p < 1, a radius that is not finite and > 0, a ``dim`` out of range,
+            or a radius whose shape does not broadcast.
         TypeError: a non-floating ``x`` or a ``p`` that is not a number.
 
     Example:
