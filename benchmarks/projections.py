@@ -2,7 +2,8 @@
 
 For each size (B, n) and each projection, prints the median time of our layer and of the
 plain PyTorch operation it generalises, measured interleaved in the same run, and their
-ratio (ours / plain; lower is better):
+ratio (ours / plain; lower is better); "(min)" is the ratio of the fastest samples, a
+useful second opinion on a busy machine:
 
     L2 sphere   F.normalize(x)
     L2 ball     x * min(1, r / ‖x‖)
@@ -52,10 +53,10 @@ def _loops_for(fn: Callable[[], object], device: torch.device, target_s: float) 
     return max(1, int(target_s / once))
 
 
-def _interleaved_medians(
+def _interleaved_times(
     fns: list[Callable[[], object]], device: torch.device, repeats: int, target_s: float
-) -> list[float]:
-    """Median seconds per call of each function, timed round-robin to share the noise."""
+) -> list[tuple[float, float]]:
+    """(median, min) seconds per call of each function, timed round-robin to share noise."""
     loops = [_loops_for(fn, device, target_s) for fn in fns]
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
@@ -66,7 +67,7 @@ def _interleaved_medians(
                 fn()
             _sync(device)
             out.append((time.perf_counter() - start) / k)
-    return [statistics.median(s) for s in samples]
+    return [(statistics.median(s), min(s)) for s in samples]
 
 
 def _backward_timer(
@@ -119,8 +120,8 @@ def main() -> None:
     """Parse the options, run every case and print one table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=41, help="timed samples per operation")
-    parser.add_argument("--sample-ms", type=float, default=5.0, help="length of one sample")
+    parser.add_argument("--repeats", type=int, default=101, help="timed samples per operation")
+    parser.add_argument("--sample-ms", type=float, default=1.0, help="length of one sample")
     parser.add_argument("--sizes", default="256x512,256x4096", help="comma-separated BxN")
     args = parser.parse_args()
 
@@ -132,8 +133,8 @@ def main() -> None:
         f"float32, median of {args.repeats} samples of ~{args.sample_ms:g} ms, radius {RADIUS}"
     )
     header = (
-        f"{'op':<12} {'B x n':>10} | {'fwd ours':>10} {'fwd plain':>10} {'ratio':>6} | "
-        f"{'bwd ours':>10} {'bwd plain':>10} {'ratio':>6}"
+        f"{'op':<12} {'B x n':>10} | {'fwd ours':>10} {'fwd plain':>10} {'ratio':>6} "
+        f"{'(min)':>6} | {'bwd ours':>10} {'bwd plain':>10} {'ratio':>6} {'(min)':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -142,22 +143,24 @@ def main() -> None:
         x = torch.randn(b, n, device=device, dtype=torch.float32)
         v = torch.randn(b, n, device=device, dtype=torch.float32)
         for name, ours, plain in _cases():
-            fwd = _interleaved_medians(
+            fwd = _interleaved_times(
                 [_forward_timer(ours, x), _forward_timer(plain, x)],
                 device,
                 args.repeats,
                 args.sample_ms / 1e3,
             )
-            bwd = _interleaved_medians(
+            bwd = _interleaved_times(
                 [_backward_timer(ours, x, v), _backward_timer(plain, x, v)],
                 device,
                 args.repeats,
                 args.sample_ms / 1e3,
             )
+            (fo, fo_min), (fp, fp_min) = fwd
+            (bo, bo_min), (bp, bp_min) = bwd
             print(
-                f"{name:<12} {f'{b}x{n}':>10} | {fwd[0] * 1e6:8.1f}us {fwd[1] * 1e6:8.1f}us "
-                f"{fwd[0] / fwd[1]:6.2f} | {bwd[0] * 1e6:8.1f}us {bwd[1] * 1e6:8.1f}us "
-                f"{bwd[0] / bwd[1]:6.2f}"
+                f"{name:<12} {f'{b}x{n}':>10} | {fo * 1e6:8.1f}us {fp * 1e6:8.1f}us "
+                f"{fo / fp:6.2f} {fo_min / fp_min:6.2f} | {bo * 1e6:8.1f}us {bp * 1e6:8.1f}us "
+                f"{bo / bp:6.2f} {bo_min / bp_min:6.2f}"
             )
 
 
