@@ -222,6 +222,25 @@ def test_general_p_satisfies_kkt(p):
     assert (lam < 0).all()  # outside: the constraint pulls inwards
 
 
+@pytest.mark.parametrize("p", [1.05, 60.0], ids=str)
+def test_general_p_extreme_exponents_and_scales(p):
+    # Entries from 1e-6 to 1e3: powers like 1e3^60 must not overflow, and the solution
+    # must still be feasible and stationary (checked with g scaled by max |y|).
+    x = sample(25, 1.0) * torch.logspace(-6, 3, N, dtype=DOUBLE)
+    xg = x.clone().requires_grad_(True)
+    y = project_onto_sphere(xg, p, 1.0)
+    top = y.detach().abs().amax(-1, keepdim=True)
+    norm = top.squeeze(-1) * lp_norm(y.detach() / top, p)
+    torch.testing.assert_close(norm, torch.ones(B, dtype=DOUBLE))
+    g = torch.sign(y.detach()) * (y.detach().abs() / top) ** (p - 1)
+    big = g.abs() > 1e-12  # coordinates whose |y|^(p−1) is representable
+    lam = ((y.detach() - x) * g).sum(-1, keepdim=True) / (g * g).sum(-1, keepdim=True)
+    residual = (y.detach() - x - lam * g)[big]
+    assert residual.abs().max() < 1e-9
+    (grad,) = torch.autograd.grad(y.sum(), xg)
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("p", PS, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_idempotent(p, kind):
@@ -263,10 +282,17 @@ def test_ball_outside_is_sphere(p):
 @pytest.mark.parametrize("p", PS, ids=str)
 def test_ball_boundary_returns_input_with_sphere_gradient(p):
     # On the boundary the output is x and the gradient is the one-sided one from outside.
-    x = sample(44, 1.0)
-    x = (x / lp_norm(x, p).unsqueeze(-1)).requires_grad_(True)
-    # The radius is the norm exactly as the layer computes it (for p = 1, a plain sum).
-    r = x.detach().abs().sum(-1, keepdim=True) if p == 1.0 else lp_norm(x.detach(), p).unsqueeze(-1)
+    if p in (1.0, 2.0, math.inf):
+        x = sample(44, 1.0)
+        x = x / lp_norm(x, p).unsqueeze(-1)
+        # The radius is the norm exactly as the layer computes it (for p = 1, a plain sum).
+        r = x.abs().sum(-1, keepdim=True) if p == 1.0 else lp_norm(x, p).unsqueeze(-1)
+    else:
+        # General p: points whose norm is exact in any rounding (one non-zero coordinate).
+        x = torch.zeros(B, N, dtype=DOUBLE)
+        x[0, 1], x[1, 3] = 1.3, -0.7
+        r = torch.tensor([[1.3], [0.7]], dtype=DOUBLE)
+    x.requires_grad_(True)
     v = sample(45, 1.0)
     y = project_onto_ball(x, p, r)
     torch.testing.assert_close(y, x.detach(), atol=1e-14, rtol=0)

@@ -320,44 +320,53 @@ def _l1_backward(
 # --------------------------------------------------------------------------------------
 
 
-def _shrink_coordinates(a: Tensor, nu: Tensor, p: float, start: Tensor | None = None) -> Tensor:
-    """z ∈ [0, a] solving z + ν p z^(p−1) = a (ν ≥ 0), elementwise, by Newton's method.
+def _linear_plus_power_root(a: Tensor, alpha: Tensor, beta: Tensor, k: float) -> Tensor:
+    """s ≥ 0 with α s + β s^k = a (a ≥ 0, α, β ≥ 0 not both 0, k > 1), elementwise.
 
-    The equation is convex and increasing in z (p ≥ 2) or in w = z^(p−1) (p < 2), so
-    Newton's method converges from any start: from the right of the root monotonically,
-    and from the left after one step that lands on the right. ``start`` (a previous
-    solution, for warm starts) is capped by the upper bounds a and (a / νp)^(1/(p−1)).
+    The root lies in [L, U] with U = min(a/α, (a/β)^(1/k)) and L = min(a/(2α), (a/(2β))^(1/k))
+    (one of the two terms is at least a/2 at the root), so U/L ≤ 2. A few bisections in
+    log scale shrink the ratio to 2^(1/k), after which Newton's method from the right end
+    (the function is convex and increasing) converges quadratically without overshooting.
+    Every power evaluated is at most a, so nothing overflows.
     """
-    small = nu * p
-    bound = torch.minimum(a, (a / small.clamp_min(1e-300)) ** (1.0 / (p - 1.0)))
-    z = bound if start is None else torch.minimum(start, bound)
-    if p >= 2.0:
+    inv_k = 1.0 / k
+    with torch.no_grad():
+        zero = a == 0  # the root is 0 (and a / 0 would give NaN below)
+        upper = torch.minimum(a / alpha, (a / beta) ** inv_k).masked_fill(zero, 0.0)
+        lower = torch.minimum(0.5 * a / alpha, (0.5 * a / beta) ** inv_k).masked_fill(zero, 0.0)
+        for _ in range(max(1, math.ceil(math.log2(k))) + 1):
+            mid = torch.sqrt(lower * upper)
+            above = alpha * mid + beta * mid**k > a
+            upper = torch.where(above, mid, upper)
+            lower = torch.where(above, lower, mid)
+        s = upper
         for _ in range(_INNER_ITERS):
-            zp2 = z ** (p - 2.0)
-            phi = z + small * zp2 * z - a
-            slope = 1.0 + small * (p - 1.0) * zp2
-            step = phi / slope
-            z = (z - step).clamp_min(0.0)
-            if bool((step.abs() <= 1e-14 * (a + 1e-300)).all()):
+            power = s ** (k - 1.0)
+            value = alpha * s + beta * power * s - a
+            slope = alpha + k * beta * power
+            step = torch.where(slope > 0, value / slope, torch.zeros_like(value))
+            s = torch.clamp(s - step, min=lower)
+            if bool((step.abs() <= 1e-15 * s + 1e-300).all()):
                 break
-        return z
-    q = 1.0 / (p - 1.0)
-    w = z ** (p - 1.0)
-    for _ in range(_INNER_ITERS):
-        wq1 = w ** (q - 1.0)
-        psi = wq1 * w + small * w - a
-        slope = q * wq1 + small
-        step = psi / slope.clamp_min(1e-300)
-        w = (w - step).clamp_min(0.0)
-        if bool((step.abs() <= 1e-14 * (w + 1e-300)).all()):
-            break
-    return w**q
+    return s
+
+
+def _shrink_coordinates(a: Tensor, nu: Tensor, p: float) -> Tensor:
+    """z ∈ [0, a] solving z + ν p z^(p−1) = a (ν ≥ 0), elementwise.
+
+    For p ≥ 2 this is linear-plus-power in z; for p < 2 it is in w = z^(p−1)
+    (w^(1/(p−1)) + ν p w = a), so the power always has an exponent above 1.
+    """
+    small = (nu * p).expand_as(a)
+    one = torch.ones_like(a)
+    if p >= 2.0:
+        return _linear_plus_power_root(a, one, small, p - 1.0)
+    w = _linear_plus_power_root(a, small, one, 1.0 / (p - 1.0))
+    return w ** (1.0 / (p - 1.0))
 
 
 def _shrink_derivative(z: Tensor, nu: Tensor, p: float) -> Tensor:
-    """dz/dν for z + ν p z^(p−1) = a, written to stay finite at z = 0."""
-    if p >= 2.0:
-        return -p * z ** (p - 1.0) / (1.0 + nu * p * (p - 1.0) * z ** (p - 2.0))
+    """dz/dν for z + ν p z^(p−1) = a, as −p z / (z^(2−p) + ν p (p−1)) (no overflow)."""
     den = z ** (2.0 - p) + nu * p * (p - 1.0)
     safe = torch.where(den == 0, torch.ones_like(den), den)
     return torch.where(den == 0, torch.zeros_like(z), -p * z / safe)
@@ -423,6 +432,13 @@ def _safeguarded_newton(
     return t
 
 
+def _scaled_norm(a: Tensor, p: float) -> Tensor:
+    """‖a‖_p along the last dim (keepdim) for a ≥ 0, as max · ‖a / max‖_p (no overflow)."""
+    top = a.amax(-1, keepdim=True)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return top * ((a / safe) ** p).sum(-1, keepdim=True) ** (1.0 / p)
+
+
 def _general_prepare(
     x: Tensor, r: float | Tensor, dim: int, p: float
 ) -> tuple[Tensor, Tensor, float | Tensor]:
@@ -438,7 +454,7 @@ def _general_prepare(
         rr = r
         scaled = work.abs().to(torch.float64) / r
     scaled = scaled.reshape(-1, work.shape[-1])
-    return scaled, torch.linalg.vector_norm(scaled, p, dim=-1, keepdim=True), rr
+    return scaled, _scaled_norm(scaled, p), rr
 
 
 def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> tuple[Tensor, Tensor]:
@@ -455,23 +471,26 @@ def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> tuple[Te
         # The multiplier equation, written as G(ν) = 1 / ‖z(ν)‖_p − 1 = 0: G increases from
         # G(0) < 0 and G(hi) ≥ 0 at hi = ‖a‖_{p*} / p (p* the dual exponent). This form
         # is exactly linear in ν for p = 2 and needs about half the Newton steps of
-        # Σ z^p − 1 for other p.
+        # Σ z^p − 1 for other p. Norms are computed as max · ‖·/max‖ to avoid overflow.
         dual = p / (p - 1.0)
-        hi = torch.linalg.vector_norm(ao, dual, dim=-1, keepdim=True) / p
-        warm = [ao]
+        hi = _scaled_norm(ao, dual) / p
 
         def multiplier_equation(nu: Tensor) -> tuple[Tensor, Tensor]:
-            zz = _shrink_coordinates(ao, nu, p, start=warm[0])
-            warm[0] = zz
-            zp1 = zz ** (p - 1.0)
-            total = (zp1 * zz).sum(-1, keepdim=True)  # Σ z^p
-            d_total = (p * zp1 * _shrink_derivative(zz, nu, p)).sum(-1, keepdim=True)
-            norm = total ** (1.0 / p)
-            return 1.0 / norm - 1.0, -d_total / (p * total * norm)
+            zz = _shrink_coordinates(ao, nu, p)
+            top = zz.amax(-1, keepdim=True).clamp_min(1e-300)
+            u = zz / top
+            up1 = u ** (p - 1.0)
+            total = (up1 * u).sum(-1, keepdim=True)  # Σ (z / top)^p ∈ [1, n]
+            norm = top * total ** (1.0 / p)
+            # d‖z‖/dν = Σ (z/‖z‖)^(p−1) dz/dν
+            d_norm = (up1 * _shrink_derivative(zz, nu, p)).sum(-1, keepdim=True) * total ** (
+                (1.0 - p) / p
+            )
+            return 1.0 / norm - 1.0, -d_norm / norm**2
 
         lo = torch.zeros_like(hi)
         nu = _safeguarded_newton(multiplier_equation, lo, hi, lo.clone(), increasing=True)
-        z[rows] = _shrink_coordinates(ao, nu, p, start=warm[0])
+        z[rows] = _shrink_coordinates(ao, nu, p)
     if not ball and bool(inside.any()):
         rows = inside.squeeze(-1)
         z[rows] = _general_p_push_out(a[rows], p)
