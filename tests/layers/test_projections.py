@@ -241,6 +241,15 @@ def test_general_p_extreme_exponents_and_scales(p):
     assert torch.isfinite(grad).all()
 
 
+def test_general_p_gradient_with_large_radius_and_exponent():
+    # |y|^(p−1) with |y| ~ 1e3 and p = 150 overflows unless the backward rescales.
+    x = sample(26, 3e3).requires_grad_(True)
+    radius = torch.tensor([1e3, 2e3], dtype=DOUBLE, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, r: project_onto_sphere(a, 150.0, r), (x, radius), eps=1e-4, atol=1e-6, rtol=1e-4
+    )
+
+
 @pytest.mark.parametrize("p", PS, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_idempotent(p, kind):

@@ -557,23 +557,30 @@ def _general_forward(x: Tensor, r: float | Tensor, dim: int, p: float, ball: boo
 def _general_backward(
     v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, p: float, ball: bool
 ) -> tuple[Tensor, Tensor]:
-    # h(u) = Σ|u_i|^p − r^p; ∇h = p g with g = sign(y)|y|^(p−1); λ from eq. (25).
+    # h(u) = Σ|u_i|^p − r^p, ∇h ∝ g = sign(y) (|y|/m)^(p−1) with m = max|y| (scaled so
+    # that no power overflows; the formulas below are invariant to the scale of g except
+    # where it is put back explicitly). λ from eq. (25): y − x = lam · g.
     magnitude = y.abs()
-    g = torch.sign(y) * magnitude ** (p - 1.0)
-    lam = _dot(y - x, g, dim) / _dot(g, g, dim)  # y − x = lam · g  (lam = λ p)
-    # H = I − λ ∇²h = diag(1 − lam (p−1) |y|^(p−2)); d = 1 / H_ii, finite at y_i = 0.
+    top = magnitude.amax(dim, keepdim=True)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    unit = magnitude / top
+    g = torch.sign(y) * unit ** (p - 1.0)
+    lam = _dot(y - x, g, dim) / _dot(g, g, dim)
+    # H = I − λ ∇²h = diag(1 − lam (p−1) (|y|/m)^(p−2) / m); d = 1 / H_ii, finite at y_i = 0.
+    curvature = lam * (p - 1.0) / top
     if p >= 2.0:
-        d = 1.0 / (1.0 - lam * (p - 1.0) * magnitude ** (p - 2.0))
+        d = 1.0 / (1.0 - curvature * unit ** (p - 2.0))
     else:
-        t = magnitude ** (2.0 - p)
-        den = t - lam * (p - 1.0)
+        t = unit ** (2.0 - p)
+        den = t - curvature
         d = torch.where(den == 0, torch.ones_like(t), t / torch.where(den == 0, 1.0, den))
     dg = d * g
     # Corollary 4.7 with B = −I: Dy = H⁻¹ − H⁻¹aaᵀH⁻¹ / (aᵀH⁻¹a), symmetric.
     coef = _dot(dg, v, dim) / _dot(g, dg, dim)
     grad_x = d * v - dg * coef
-    # dy/dr = H⁻¹a (p r^(p−1)) / (aᵀH⁻¹a) (Prop. 4.5 with C = D_r h = −p r^(p−1)).
-    grad_r = coef * r ** (p - 1.0)
+    # dy/dr = H⁻¹∇h (p r^(p−1)) / (∇hᵀH⁻¹∇h) (Prop. 4.5 with C = D_r h = −p r^(p−1)),
+    # which with the scaled g is H⁻¹g (r/m)^(p−1) / (gᵀH⁻¹g); r/m ∈ [1, n^(1/p)].
+    grad_r = coef * (r / top) ** (p - 1.0)
     if ball:
         # Strictly inside: y = x and Dy = I (same decision as the forward).
         _, norm_p, _ = _general_prepare(x, r, dim, p)
