@@ -117,12 +117,6 @@ def test_negative_damping():
         declnet.ImplicitBackward(damping=-1.0)
 
 
-def test_cg_on_constrained_node():
-    node = dt.UnitSphereProjection(backward=declnet.ImplicitBackward(linear_solver="cg"))
-    with pytest.raises(ValueError, match=r"UnitSphereProjection: linear_solver='cg' needs"):
-        backward(node, x)
-
-
 def test_bad_backward_mode():
     node = dt.UnitSphereProjection(backward="implicit")
     with pytest.raises(TypeError, match=r"backward must be declnet.ImplicitBackward"):

@@ -6,6 +6,7 @@ implicit differentiation of the optimality conditions rather than from
 back-propagating through the solver.
 """
 
+from . import testing
 from ._diagnostics import DeclarativeWarning, OptimalityResidual
 from ._function import DeclarativeFunction, declarative
 from ._implicit import ImplicitBackward, UnrolledBackward, implicit_vjp, optimality_residual
@@ -42,6 +43,7 @@ __all__ = [
     "declarative",
     "implicit_vjp",
     "optimality_residual",
+    "testing",
 ]
 
 # Lp projections

@@ -171,6 +171,7 @@ def conjugate_gradient(
     rhs: Tensor,
     rtol: float,
     maxiter: int,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, IterativeInfo]:
     """Batched conjugate gradients for symmetric positive definite operators.
 
@@ -182,6 +183,8 @@ def conjugate_gradient(
         rhs: ``(B, M)``.
         rtol: stop when ``‖r‖ ≤ rtol ‖b‖`` for every sample.
         maxiter: iteration limit.
+        scale: ``(B,)`` norms that ``rtol`` is relative to (default ``‖b‖``); a projected
+            solve passes the norm of the unprojected right-hand side.
 
     Returns:
         ``(x, info)`` with ``x`` of shape ``(B, M)``.
@@ -190,7 +193,7 @@ def conjugate_gradient(
     r = rhs.clone()
     p = r.clone()
     rr = _bdot(r, r)
-    bnorm = rr.sqrt().squeeze(-1)
+    bnorm = rr.sqrt().squeeze(-1) if scale is None else scale
     target = (rtol * bnorm) ** 2
     active = rr.squeeze(-1) > target
     negative = torch.zeros_like(active)

@@ -108,12 +108,15 @@ class PseudoHuberRegression(DeclarativeNode):
 
     def solve(self, b: Tensor, A: Tensor, alpha: float) -> Tensor:
         y = torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1)
-        for _ in range(100):  # Newton (IRLS-like) with exact Hessian; strictly convex
+        for _ in range(100):  # Newton with the exact Hessian; strictly convex
             r = (A @ y.unsqueeze(-1)).squeeze(-1) - b
             s = 1 + (r / alpha) ** 2
             grad = (A.transpose(1, 2) @ (r / s.sqrt()).unsqueeze(-1)).squeeze(-1)
             H = A.transpose(1, 2) @ (s ** -1.5).unsqueeze(-1).mul(A)
-            y = y - torch.linalg.solve(H, grad)
+            step = torch.linalg.solve(H, grad)
+            y = y - step
+            if not torch.is_grad_enabled() and float(step.abs().max()) < 1e-15:
+                break
         return y
 
     def closed_form_jacobian(self, b: Tensor, A: Tensor, alpha: float) -> Tensor:
