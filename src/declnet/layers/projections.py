@@ -508,16 +508,20 @@ def _general_p_push_out(a: Tensor, p: float) -> Tensor:
     """
     n = a.shape[-1]
     if p < 2.0:
-        # Φ(c) = Σ z_i(c)^p − 1 increases from Φ(0) < 0; Φ(hi) ≥ 0 at hi = n^(−(2−p)/p) / p.
+        # G(c) = 1 − 1 / ‖z(c)‖_p increases from G(0) < 0 (linear in c for p = 2), and
+        # G(hi) ≥ 0 at hi = n^(−(2−p)/p) / p, where every z_i ≥ (cp)^(1/(2−p)) = n^(−1/p).
         hi = torch.full_like(a[..., :1], n ** (-(2.0 - p) / p) / p)
 
         def phi(c: Tensor) -> tuple[Tensor, Tensor]:
             zz = _grow_coordinates(a, c, p)
-            value = (zz**p).sum(-1, keepdim=True) - 1.0
+            zp1 = zz ** (p - 1.0)
+            total = (zp1 * zz).sum(-1, keepdim=True)
+            norm = total ** (1.0 / p)
             den = zz ** (2.0 - p) - c * p * (p - 1.0)
             safe = torch.where(den == 0, torch.ones_like(den), den)
             dz = torch.where(den == 0, torch.zeros_like(zz), p * zz / safe)
-            return value, (p * zz ** (p - 1.0) * dz).sum(-1, keepdim=True)
+            d_norm = (zp1 * dz).sum(-1, keepdim=True) * norm ** (1.0 - p)
+            return 1.0 - 1.0 / norm, d_norm / norm**2
 
         lo = torch.zeros_like(hi)
         c = _safeguarded_newton(phi, lo, hi, lo.clone(), increasing=True)
