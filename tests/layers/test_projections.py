@@ -343,6 +343,14 @@ def test_zero_input_every_p(p):
     assert torch.equal(yb, x.detach())
 
 
+@pytest.mark.parametrize("p", PS, ids=str)
+def test_tiny_nonzero_input_lands_on_the_sphere(p):
+    x = torch.tensor([[1e-300, -2e-300, 0.0, 3e-301, 0.0]], dtype=DOUBLE)
+    y = project_onto_sphere(x, p, 1.0)
+    assert torch.isfinite(y).all()
+    assert lp_norm(y, p).item() == pytest.approx(1.0, rel=1e-12)
+
+
 def test_zero_input_choices_are_documented_points():
     x = torch.zeros(1, 4, dtype=DOUBLE)
     torch.testing.assert_close(

@@ -187,11 +187,12 @@ def _l2_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
         # r / max(‖x‖, r): 1 inside (and on) the ball, r / ‖x‖ outside.
         return x * (r / torch.clamp(norm, min=r))
     zero_rows = norm == 0
+    # x / (‖x‖ / r) rather than x · (r / ‖x‖): stays finite for subnormal ‖x‖.
     if x.device.type == "cpu" and not bool(zero_rows.any()):
-        return x * (r / norm)  # the common case, without the x = 0 fix-up below
+        return x / (norm / r)  # the common case, without the x = 0 fix-up below
     zero = zero_rows.to(x.dtype)
     scale = r / (norm + zero)
-    y = x * scale
+    y = x / ((norm + zero) / r)
     # x = 0: every point of the sphere is a solution; return r e_1 (the first
     # coordinate along dim). This touches one column only.
     y.narrow(dim, 0, 1).add_(zero * scale)
@@ -279,7 +280,8 @@ def _sorted_threshold(values: Tensor, total: float | Tensor, dim: int) -> Tensor
     shape = [1] * values.dim()
     shape[dim] = n
     j = torch.arange(1, n + 1, dtype=values.dtype, device=values.device).reshape(shape)
-    # The condition holds on a prefix of the sorted order (Duchi et al., Lemma 2).
+    # The condition holds on a prefix of the sorted order (Duchi et al.), so counting it
+    # gives the number of coordinates that stay positive.
     rho = (mu * j > excess).sum(dim, keepdim=True).clamp_min(1)
     return excess.gather(dim, rho - 1) / rho.to(values.dtype)
 
