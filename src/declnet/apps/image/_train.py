@@ -320,19 +320,31 @@ def train(
         differences = _config_differences(result.get("config", {}), config_dict)
         if not differences:
             return result
-        raise ValueError(
-            f"{out} holds a finished run with another configuration ("
-            + "; ".join(differences)
-            + "); choose another output folder or start afresh"
-        )
+        if differences != [d for d in differences if d.startswith("epochs:")]:
+            raise ValueError(
+                f"{out} holds a finished run with another configuration ("
+                + "; ".join(differences)
+                + "); choose another output folder or start afresh"
+            )
+        # Only the number of epochs changed: continue training from the checkpoint.
     if resume and checkpoint_path.is_file():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        differences = _config_differences(checkpoint["config"], config_dict)
+        # More epochs may be asked for on resuming; nothing else may change.
+        differences = [
+            d
+            for d in _config_differences(checkpoint["config"], config_dict)
+            if not d.startswith("epochs:")
+        ]
         if differences:
             raise ValueError(
                 f"cannot resume {checkpoint_path}: it was made with another configuration ("
                 + "; ".join(differences)
                 + "); choose another output folder or start afresh"
+            )
+        if checkpoint["epoch"] > config.epochs:
+            raise ValueError(
+                f"cannot resume {checkpoint_path}: it has trained {checkpoint['epoch']} epochs, "
+                f"more than the {config.epochs} asked for"
             )
     if config.batch_size % dist_info.world_size:
         raise ValueError(
