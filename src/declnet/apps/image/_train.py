@@ -189,7 +189,7 @@ def evaluate(
     workers: int = 0,
     dist_info: Optional[Distributed] = None,
     progress: Optional[bool] = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Top-1, top-5, mAP (on softmax probabilities) and mean loss over a dataset.
 
     Under ``torchrun`` each process evaluates its share and the scores are gathered, so every
@@ -204,7 +204,8 @@ def evaluate(
         progress: Show a progress bar (``None``: only on a terminal).
 
     Returns:
-        ``{"top1", "top5", "map", "loss"}``; accuracies and mAP in ``[0, 1]``.
+        ``{"top1", "top5", "map", "loss", "count"}``: accuracies and mAP in ``[0, 1]``, the
+        mean cross-entropy and the number of images evaluated.
     """
     dist_info = dist_info or Distributed()
     loader = _loader(
@@ -232,6 +233,7 @@ def evaluate(
         "top5": accuracy[5],
         "map": mean_average_precision(all_logits.softmax(dim=1), all_labels),
         "loss": float(nn.functional.cross_entropy(all_logits, all_labels)),
+        "count": all_labels.shape[0],
     }
 
 
@@ -304,7 +306,8 @@ def train(
     Returns:
         The result: ``{"projection", "radius", "top1", "top5", "map", "val_loss",
         "train_loss", "data_us", "forward_us", "backward_us", "projection_us", "params",
-        "epochs", "train_images", "val_images", "wall_s", "config"}``.
+        "epochs", "train_images", "val_images", "val_evaluated", "dataset", "device",
+        "wall_s", "config"}``.
 
     Raises:
         ValueError: If the checkpoint to resume was made with another configuration, or the
@@ -403,7 +406,7 @@ def train(
     criterion = nn.CrossEntropyLoss()
     device = dist_info.device
     started = time.perf_counter()
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, config.epochs):
         net.train()
         loader = _loader(
@@ -454,7 +457,7 @@ def train(
             correct += (logits.detach().argmax(1) == targets).sum()
             seen += batch
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         scheduler.step()
         if dist_info.enabled:
             stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
@@ -532,6 +535,7 @@ def train(
         "epochs": config.epochs,
         "train_images": len(train_set),  # type: ignore[arg-type]
         "val_images": len(val_set),  # type: ignore[arg-type]
+        "val_evaluated": metrics["count"],
         "dataset": info.name,
         "device": str(device) + (f" x{dist_info.world_size}" if dist_info.enabled else ""),
         "wall_s": wall_before + time.perf_counter() - started,
