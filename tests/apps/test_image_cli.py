@@ -63,6 +63,9 @@ def test_resumed_training_matches_uninterrupted_training(tmp_path):
     config = preset_config("smoke", epochs=2)
     straight = train(config, tmp_path / "straight", progress=False, log=lambda line: None)
     train(config.replace(epochs=1), tmp_path / "resumed", progress=False, log=lambda _: None)
+    # An epoch logged but not checkpointed (interrupted while saving) is dropped on resuming.
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"epoch": 2, "unsaved": True}) + "\n")
     resumed = train(
         config, tmp_path / "resumed", resume=True, progress=False, log=lambda line: None
     )
@@ -70,6 +73,7 @@ def test_resumed_training_matches_uninterrupted_training(tmp_path):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-6)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert "unsaved" not in lines[1]
 
 
 def test_resume_refuses_another_configuration(tmp_path):

@@ -365,6 +365,8 @@ def train(
         seed=config.seed,
     )
     model = build_model(config, info).to(dist_info.device)
+    if dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its kernels
     radius = config.radius
     if radius is None:
         radius = default_radius(config.projection, model.feature_dim)
@@ -403,6 +405,14 @@ def train(
             (out / METRICS).write_text("")  # a fresh run starts a fresh log
             checkpoint_path.unlink(missing_ok=True)
             result_path.unlink(missing_ok=True)
+        elif (out / METRICS).is_file():
+            # Drop epochs logged after the checkpoint was taken (an interrupted save).
+            kept = [
+                line
+                for line in (out / METRICS).read_text().splitlines()
+                if line.strip() and json.loads(line)["epoch"] <= start_epoch
+            ]
+            (out / METRICS).write_text("".join(line + "\n" for line in kept))
     criterion = nn.CrossEntropyLoss()
     device = dist_info.device
     started = time.perf_counter()
@@ -466,8 +476,9 @@ def train(
         train_loss = float(loss_sum) / max(seen, 1)
         if timer:
             timer.active = False
+        # The unwrapped model: DDP's forward is a collective, and the shards may differ by a batch.
         metrics = evaluate(
-            net, val_set, batch_size=max(local_batch, 256), workers=config.workers,
+            model, val_set, batch_size=max(local_batch, 256), workers=config.workers,
             dist_info=dist_info, progress=progress if dist_info.is_main else False,
         )
         if timer:
@@ -515,7 +526,7 @@ def train(
         timer.remove()
     if not metrics:  # resumed a checkpoint of the last epoch: evaluate it once more
         metrics = evaluate(
-            net, val_set, batch_size=max(local_batch, 256), workers=config.workers,
+            model, val_set, batch_size=max(local_batch, 256), workers=config.workers,
             dist_info=dist_info,
         )
     images_done = max(totals["images"], 1)
