@@ -95,3 +95,18 @@ def test_bad_options_are_reported(tmp_path, capsys):
     assert "width must be positive" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_one_radius_for_several_norms_is_refused(tmp_path, capsys):
+    args = ["sweep", "--preset", "smoke", "--radius", "3", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "--radius-scale" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _has_lp_projection(), reason="needs declnet.layers.LpProjection")
+def test_radius_scale_multiplies_the_default_radius(tmp_path):
+    from declnet.apps.image import default_radius
+
+    config = preset_config("smoke", projection="l2_ball", radius_scale=2.0)
+    result = train(config, tmp_path, progress=False, log=lambda line: None)
+    assert result["radius"] == pytest.approx(2 * default_radius("l2_ball", 16))

@@ -53,6 +53,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="radius of the sphere/ball (default: the paper's 250, 15, 3 at d=512, scaled to d)",
     )
     model.add_argument(
+        "--radius-scale", type=float,
+        help="multiply the default radius by this factor (default 1)",
+    )
+    model.add_argument(
         "--masked", action="store_true", default=None,
         help="plateau-free gradient for the L1 and Linf projections",
     )
@@ -78,7 +82,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 _CONFIG_FIELDS = (
     "dataset", "data_root", "train_subset", "val_subset", "image_size", "workers", "width",
-    "small_input", "radius", "masked", "epochs", "batch_size", "lr", "momentum",
+    "small_input", "radius", "radius_scale", "masked", "epochs", "batch_size", "lr", "momentum",
     "weight_decay", "lr_step", "lr_gamma", "seed", "sync_bn",
 )  # fmt: skip
 
@@ -137,6 +141,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides["projection"] = args.projection
     try:
         config = preset_config(args.preset, **overrides)
+        if args.command == "sweep" and config.radius is not None:
+            norms = {name.split("_")[0] for name in args.projections if name != "none"}
+            if len(norms) > 1:
+                raise ValueError(
+                    "--radius gives one radius to projections of different norms "
+                    f"({', '.join(sorted(norms))}), whose scales differ (the paper uses 250, 15 "
+                    "and 3); sweep one norm at a time, or use --radius-scale"
+                )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

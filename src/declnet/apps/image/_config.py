@@ -32,7 +32,9 @@ class ImageConfig:
         projection: One of ``none``, ``l1_sphere``, ``l1_ball``, ``l2_sphere``, ``l2_ball``,
             ``linf_sphere``, ``linf_ball``.
         radius: Radius of the sphere or ball; ``None`` scales the paper's radii to the
-            feature width (``default_radius``).
+            feature width (``default_radius``) and multiplies them by ``radius_scale``.
+        radius_scale: Factor on the default radius (used when ``radius`` is ``None``); a
+            sweep over several norms varies the radii with it.
         masked: Plateau-free gradient (Table 2's D²y) for the L1 and L∞ projections.
         epochs: Training epochs.
         batch_size: Global batch size (divided among the processes under ``torchrun``).
@@ -55,6 +57,7 @@ class ImageConfig:
     small_input: Optional[bool] = None
     projection: str = "none"
     radius: Optional[float] = None
+    radius_scale: float = 1.0
     masked: bool = False
     epochs: int = 30
     batch_size: int = 128
@@ -84,6 +87,7 @@ class ImageConfig:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "lr_step": self.lr_step,
+            "radius_scale": self.radius_scale,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -251,6 +251,19 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     ]
 
 
+def run_radius(config: ImageConfig, feature_dim: int) -> Optional[float]:
+    """The projection radius of a run: ``config.radius``, else the scaled default.
+
+    Returns:
+        ``None`` without a projection, else the radius.
+    """
+    if config.projection == "none":
+        return None
+    if config.radius is not None:
+        return config.radius
+    return config.radius_scale * default_radius(config.projection, feature_dim)  # type: ignore[operator]
+
+
 def build_model(config: ImageConfig, info: DatasetInfo) -> ResNet:
     """ResNet-18 for a configuration and dataset (seeded by ``config.seed``).
 
@@ -265,7 +278,7 @@ def build_model(config: ImageConfig, info: DatasetInfo) -> ResNet:
         in_channels=info.in_channels,
         small_input=small,
         projection=config.projection,
-        radius=config.radius,
+        radius=run_radius(config, 8 * config.width),
         masked=config.masked,
     )
 
@@ -367,9 +380,7 @@ def train(
     model = build_model(config, info).to(dist_info.device)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its kernels
-    radius = config.radius
-    if radius is None:
-        radius = default_radius(config.projection, model.feature_dim)
+    radius = run_radius(config, model.feature_dim)
     params = sum(p.numel() for p in model.parameters())
     timer = (
         _ProjectionTimer(model.projection, dist_info.device)
