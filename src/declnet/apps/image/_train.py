@@ -344,7 +344,7 @@ def train(
             )
         # Only the number of epochs changed: continue training from the checkpoint.
     if resume and checkpoint_path.is_file():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         # More epochs may be asked for on resuming; nothing else may change.
         differences = [
             d
