@@ -43,8 +43,8 @@ RadiusLike = Union[float, int, Tensor]
 
 _KINDS = ("sphere", "ball")
 
-# General-p solver settings: iteration caps and the relative tolerance of the
-# multiplier equation. Both are far from binding on well-scaled inputs.
+# General-p solver settings: iteration caps of the outer (multiplier) and inner
+# (per-coordinate) Newton loops; both are far from binding on well-scaled inputs.
 _OUTER_ITERS = 100
 _INNER_ITERS = 60
 
@@ -107,8 +107,8 @@ def _prepare_radius(radius: Any, x: Tensor, dim: int, name: str = "radius") -> f
         raise TypeError(f"{name} must be a positive float or tensor; got {radius!r}.")
     if isinstance(radius, (int, float)):
         radius = float(radius)
-        if not radius > 0.0:  # also rejects NaN
-            raise ValueError(f"{name} must be > 0; got {name}={radius}.")
+        if not (radius > 0.0 and math.isfinite(radius)):  # also rejects NaN
+            raise ValueError(f"{name} must be > 0 and finite; got {name}={radius}.")
         return radius
     if not isinstance(radius, Tensor):
         raise TypeError(
@@ -143,16 +143,19 @@ def _prepare_radius(radius: Any, x: Tensor, dim: int, name: str = "radius") -> f
         lead = (1,) * (len(batch_shape) - radius.dim())
         keepdim = radius.reshape(lead + tuple(radius.shape)).unsqueeze(dim)
     try:
-        torch.broadcast_shapes(keepdim.shape, x.shape)
-    except RuntimeError as err:
+        ok = torch.broadcast_shapes(keepdim.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
         raise ValueError(
-            f"{name} of shape {tuple(radius.shape)} does not broadcast against x of shape "
-            f"{tuple(x.shape)}."
-        ) from err
-    bad = ~(keepdim > 0)  # also catches NaN
+            f"{name} of shape {tuple(radius.shape)} does not broadcast to x of shape "
+            f"{tuple(x.shape)} with size 1 along dim={dim}."
+        )
+    bad = ~((keepdim > 0) & torch.isfinite(keepdim))  # also catches NaN
     if bool(bad.any()):
         raise ValueError(
-            f"every entry of {name} must be > 0; got min {name} = {keepdim.min().item()}."
+            f"every entry of {name} must be > 0 and finite; got "
+            f"{name} = {keepdim.detach().flatten()[bad.flatten()][0].item()}."
         )
     return keepdim
 
@@ -165,48 +168,54 @@ def _reduce_to(grad: Tensor, like: float | Tensor) -> Tensor | None:
 
 
 def _dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    return (a * b).sum(dim, keepdim=True)
+    """⟨a, b⟩ along ``dim``, keeping it (shape of the batch with size 1 at ``dim``)."""
+    return torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim)
 
+
+# Implementation note: the VJPs below use only arithmetic kernels (sign, division with
+# rounding, addcmul, vecdot); full-size boolean masks and torch.where are avoided
+# because they are several times slower on CPU.
 
 # --------------------------------------------------------------------------------------
 # p = 2: closed form, equation (47)
 # --------------------------------------------------------------------------------------
 
 
-def _l2_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> tuple[Tensor, Tensor]:
+def _l2_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     norm = torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True)
     if ball:
-        # Strictly inside: scale 1. On or outside: r / ‖x‖ (equal to 1 on the boundary).
-        scale = torch.where(norm > r, r / norm, torch.ones_like(norm))
-        return x * scale, norm
-    zero = norm == 0
-    scale = r / torch.where(zero, torch.ones_like(norm), norm)
+        # r / max(‖x‖, r): 1 inside (and on) the ball, r / ‖x‖ outside.
+        return x * (r / torch.clamp(norm, min=r))
+    zero_rows = norm == 0
+    if x.device.type == "cpu" and not bool(zero_rows.any()):
+        return x * (r / norm)  # the common case, without the x = 0 fix-up below
+    zero = zero_rows.to(x.dtype)
+    scale = r / (norm + zero)
     y = x * scale
     # x = 0: every point of the sphere is a solution; return r e_1 (the first
     # coordinate along dim). This touches one column only.
-    first = y.narrow(dim, 0, 1)
-    first.add_(torch.where(zero, scale, torch.zeros_like(scale)))
-    return y, norm
+    y.narrow(dim, 0, 1).add_(zero * scale)
+    return y
 
 
 def _l2_backward(
-    v: Tensor, y: Tensor, norm: Tensor, r: float | Tensor, dim: int, ball: bool
+    v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, ball: bool
 ) -> tuple[Tensor, Tensor]:
-    # Table 2: Dy = (r / ‖x‖)(I − ŷŷᵀ), ŷ = y / r; applied as a VJP without forming it.
-    # At x = 0 (sphere) the factor r/‖x‖ is replaced by 1: the tangent projector at y.
+    # Table 2: Dy = (r / ‖x‖)(I − ŷŷᵀ) with ŷ = y / r, applied as a VJP without forming it.
+    # At x = 0 (sphere) the factor r / ‖x‖ is replaced by 1: the tangent projector at y.
+    norm = torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True)
     yv = _dot(y, v, dim)
     if ball:
-        active = norm >= r
-        factor = torch.where(active, r / norm, torch.ones_like(norm))
-        radial = torch.where(active, yv / (r * r), torch.zeros_like(yv))
+        # Active on and outside the boundary (the one-sided gradient from outside).
+        active = (norm >= r).to(v.dtype)
+        factor = r / torch.clamp(norm, min=r)
+        radial = active * yv / (r * r)
     else:
-        positive = norm > 0
-        safe = torch.where(positive, norm, torch.ones_like(norm))
-        factor = torch.where(positive, r / safe, torch.ones_like(norm))
+        zero = (norm == 0).to(v.dtype)
+        factor = r / (norm + zero * r)
         radial = yv / (r * r)
-    grad_x = factor * (v - y * radial)
-    grad_r = radial * r  # ⟨v, ŷ⟩ = dy/dr · v on active rows, 0 inside the ball
-    return grad_x, grad_r
+    grad_x = torch.addcmul(v * factor, y, radial * factor, value=-1.0)
+    return grad_x, radial * r  # v · dy/dr = ⟨v, ŷ⟩ on active rows, 0 strictly inside
 
 
 # --------------------------------------------------------------------------------------
@@ -218,11 +227,16 @@ def _linf_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     y = torch.clamp(x, -r, r)
     if ball:
         return y
-    # Sphere from inside: push the largest magnitude (first one on ties) out to ±r.
-    peak, index = x.abs().max(dim=dim, keepdim=True)
-    inside = peak < r
+    # Sphere from inside: push the largest magnitude (the first one on ties) out to ±r,
+    # with sign(0) = +1. On CPU the rows are checked first so that the common case
+    # (every row on or outside the sphere) costs one extra reduction only.
+    magnitude = x.abs()
+    inside = magnitude.amax(dim=dim, keepdim=True) < r
+    if x.device.type == "cpu" and not bool(inside.any()):
+        return y
+    index = magnitude.argmax(dim=dim, keepdim=True)
     x_peak = x.gather(dim, index)
-    pushed = torch.where(x_peak < 0, -r * torch.ones_like(x_peak), r * torch.ones_like(x_peak))
+    pushed = torch.copysign(r if isinstance(r, Tensor) else torch.full_like(x_peak, r), x_peak)
     y.scatter_(dim, index, torch.where(inside, pushed, y.gather(dim, index)))
     return y
 
@@ -230,20 +244,20 @@ def _linf_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
 def _linf_backward(
     v: Tensor, y: Tensor, r: float | Tensor, dim: int, masked: bool
 ) -> tuple[Tensor, Tensor]:
-    # Active set I* = {i : |y_i| = r} (for the ball: coordinates with |x_i| >= r, so
-    # coordinates exactly at ±r count as active). D_Y h = sign(y) on I*, 0 elsewhere.
-    active = y.abs() >= r
-    signs = torch.where(active, torch.sign(y), torch.zeros_like(y))
+    # a = D_Y h = sign(y) on I* = {i : |y_i| = r}, 0 elsewhere. Truncating y / r gives
+    # exactly that (|y_i| < r truncates to 0); coordinates of the ball's input lying
+    # exactly at ±r are therefore active, as are any within one rounding of ±r.
+    signs = y.div(r, rounding_mode="trunc")
     sv = _dot(signs, v, dim)
     if masked:
-        # D²y = I − diag(|D_Y h|): the clipped coordinates are frozen.
-        grad_x = torch.where(active, torch.zeros_like(v), v)
+        # D²y = I − diag(|a|): the clipped coordinates are frozen (clamp's gradient).
+        grad_x = torch.addcmul(v, v, signs.abs(), value=-1.0)
     else:
-        # Dy = I − aaᵀ/(aᵀa), a = D_Y h; rows with no active coordinate are the identity.
-        count = active.sum(dim, keepdim=True).clamp_min(1).to(v.dtype)
-        grad_x = v - signs * (sv / count)
-    # dy/dr = sign(y) on I* (Prop. 4.5 with the subgradient of max|u| that averages
-    # over ties); both variants share it.
+        # Dy = I − aaᵀ/(aᵀa); rows with no active coordinate get the identity.
+        count = _dot(signs, signs, dim).clamp_min(1.0)
+        grad_x = torch.addcmul(v, signs, sv / count, value=-1.0)
+    # v · dy/dr = ⟨v, a⟩: Prop. 4.5 with C = −1 and the subgradient of max|u| that
+    # averages over ties (a / |I*|), which is also the exact derivative.
     return grad_x, sv
 
 
@@ -269,35 +283,36 @@ def _sorted_threshold(values: Tensor, total: float | Tensor, dim: int) -> Tensor
     return excess.gather(dim, rho - 1) / rho.to(values.dtype)
 
 
-def _l1_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> tuple[Tensor, Tensor]:
+def _l1_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     magnitude = x.abs()
     tau = _sorted_threshold(magnitude, r, dim)
-    # tau < 0 means ‖x‖₁ < r. Ball: keep x. Sphere: add |tau| to every magnitude
-    # (projection onto the nearest facet), with sign(0) taken as +1.
-    inside = tau < 0
+    # tau < 0 means ‖x‖₁ < r. Sphere: add |tau| to every magnitude (the projection onto
+    # the nearest facet), with the sign of +0 taken as +1. Ball: keep x strictly inside,
+    # decided by the same expression as in the backward so that both agree exactly.
     if ball:
-        tau = tau.clamp_min(0)
-    y = torch.copysign(torch.relu(magnitude - tau), x)
-    return y, inside
+        inside = (magnitude.sum(dim, keepdim=True) < r).to(x.dtype)
+        tau = tau.clamp_min(0.0) * (1.0 - inside)
+    return torch.copysign(torch.relu(magnitude - tau), x)
 
 
 def _l1_backward(
-    v: Tensor, y: Tensor, inside: Tensor, dim: int, ball: bool, masked: bool
+    v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, ball: bool, masked: bool
 ) -> tuple[Tensor, Tensor]:
-    # Table 2: a = D_Y h = sign(y) (0 at zeros), k = aᵀa = |support|.
+    # Table 2: a = D_Y h = sign(y) (0 at zeros) and aᵀa = |support|.
     signs = torch.sign(y)
-    support = y != 0
-    count = support.sum(dim, keepdim=True).clamp_min(1).to(v.dtype)
+    count = _dot(signs, signs, dim).clamp_min(1.0)
     coef = _dot(signs, v, dim) / count  # = v · dy/dr
+    inside = None
     if ball:
-        coef = torch.where(inside, torch.zeros_like(coef), coef)
+        # Strictly inside: identity. On the boundary: the sphere's gradient.
+        inside = (x.abs().sum(dim, keepdim=True) < r).to(v.dtype)
+        coef = coef * (1.0 - inside)
+    # Dy = I − aaᵀ/k; masked: D²y = diag(|a|) − aaᵀ/k (zeroed coordinates are frozen).
+    base = v
     if masked:
-        # D²y = diag(|a|) − aaᵀ/k: coordinates projected to zero are frozen.
-        keep = support | inside if ball else support
-        base = torch.where(keep, v, torch.zeros_like(v))
-    else:
-        base = v  # Dy = I − aaᵀ/k
-    return base - signs * coef, coef
+        keep = signs.abs() if inside is None else torch.maximum(signs.abs(), inside)
+        base = v * keep
+    return torch.addcmul(base, signs, coef, value=-1.0), coef
 
 
 # --------------------------------------------------------------------------------------
@@ -305,27 +320,33 @@ def _l1_backward(
 # --------------------------------------------------------------------------------------
 
 
-def _shrink_coordinates(a: Tensor, nu: Tensor, p: float) -> Tensor:
-    """z ∈ [0, a] solving z + ν p z^(p−1) = a (ν ≥ 0), elementwise; monotone Newton."""
+def _shrink_coordinates(a: Tensor, nu: Tensor, p: float, start: Tensor | None = None) -> Tensor:
+    """z ∈ [0, a] solving z + ν p z^(p−1) = a (ν ≥ 0), elementwise, by Newton's method.
+
+    The equation is convex and increasing in z (p ≥ 2) or in w = z^(p−1) (p < 2), so
+    Newton's method converges from any start: from the right of the root monotonically,
+    and from the left after one step that lands on the right. ``start`` (a previous
+    solution, for warm starts) is capped by the upper bounds a and (a / νp)^(1/(p−1)).
+    """
     small = nu * p
+    bound = torch.minimum(a, (a / small.clamp_min(1e-300)) ** (1.0 / (p - 1.0)))
+    z = bound if start is None else torch.minimum(start, bound)
     if p >= 2.0:
-        # φ(z) = z + νp z^(p−1) − a is convex and increasing: Newton from an upper
-        # bound decreases monotonically to the root.
-        z = torch.minimum(a, (a / small.clamp_min(1e-300)) ** (1.0 / (p - 1.0)))
         for _ in range(_INNER_ITERS):
-            phi = z + small * z ** (p - 1.0) - a
-            slope = 1.0 + small * (p - 1.0) * z ** (p - 2.0)
+            zp2 = z ** (p - 2.0)
+            phi = z + small * zp2 * z - a
+            slope = 1.0 + small * (p - 1.0) * zp2
             step = phi / slope
             z = (z - step).clamp_min(0.0)
             if bool((step.abs() <= 1e-14 * (a + 1e-300)).all()):
                 break
         return z
-    # 1 < p < 2: in w = z^(p−1), ψ(w) = w^q + νp w − a with q = 1/(p−1) > 1 is convex.
     q = 1.0 / (p - 1.0)
-    w = torch.minimum(a ** (p - 1.0), a / small.clamp_min(1e-300))
+    w = z ** (p - 1.0)
     for _ in range(_INNER_ITERS):
-        psi = w**q + small * w - a
-        slope = q * w ** (q - 1.0) + small
+        wq1 = w ** (q - 1.0)
+        psi = wq1 * w + small * w - a
+        slope = q * wq1 + small
         step = psi / slope.clamp_min(1e-300)
         w = (w - step).clamp_min(0.0)
         if bool((step.abs() <= 1e-14 * (w + 1e-300)).all()):
@@ -358,14 +379,20 @@ def _grow_coordinates(a: Tensor, c: Tensor, p: float) -> Tensor:
     return w**q
 
 
-def _rising_root(a: Tensor, c: Tensor, p: float) -> Tensor:
-    """For p > 2: the root z ∈ [a, z*] of z − c p z^(p−1) = a on the increasing branch."""
+def _rising_root(a: Tensor, c: Tensor, p: float, start: Tensor | None = None) -> Tensor:
+    """For p > 2: the root z ∈ [a, z*] of z − c p z^(p−1) = a on the increasing branch.
+
+    g(z) = z − c p z^(p−1) − a is concave, so Newton's method is monotone from the left
+    and lands on the left after one step from the right (``start``, a root for another
+    c, always lies on the rising branch of this one).
+    """
     cp = c * p
-    z = a.clone()
+    z = a.clone() if start is None else start
     for _ in range(_INNER_ITERS):
-        g = z - cp * z ** (p - 1.0) - a
-        slope = (1.0 - cp * (p - 1.0) * z ** (p - 2.0)).clamp_min(1e-12)
-        step = g / slope  # g ≤ 0 and g is concave: Newton from the left is monotone
+        zp2 = z ** (p - 2.0)
+        g = z - cp * zp2 * z - a
+        slope = (1.0 - cp * (p - 1.0) * zp2).clamp_min(1e-12)
+        step = g / slope
         z = z - step
         if bool((step.abs() <= 1e-14 * (z + 1e-300)).all()):
             break
@@ -396,33 +423,59 @@ def _safeguarded_newton(
     return t
 
 
-def _general_p_unit(a: Tensor, p: float, ball: bool) -> tuple[Tensor, Tensor]:
-    """Project rows of a ≥ 0 (shape (N, n)) onto the unit Lp sphere/ball; returns (z, inside)."""
-    dtype = a.dtype
-    norm_p = torch.linalg.vector_norm(a, p, dim=-1, keepdim=True)
+def _general_prepare(
+    x: Tensor, r: float | Tensor, dim: int, p: float
+) -> tuple[Tensor, Tensor, float | Tensor]:
+    """|x| / r in float64 as rows (N, n), its Lp norms (N, 1), and r moved likewise.
+
+    Forward and backward both call this, so the inside/outside decision is identical.
+    """
+    work = x.detach().movedim(dim, -1)
+    if isinstance(r, Tensor):
+        rr: float | Tensor = r.detach().movedim(dim, -1)
+        scaled = work.abs().to(torch.float64) / rr.to(torch.float64)
+    else:
+        rr = r
+        scaled = work.abs().to(torch.float64) / r
+    scaled = scaled.reshape(-1, work.shape[-1])
+    return scaled, torch.linalg.vector_norm(scaled, p, dim=-1, keepdim=True), rr
+
+
+def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> tuple[Tensor, Tensor]:
+    """Project rows of a ≥ 0 (shape (N, n), Lp norms norm_p) onto the unit sphere/ball.
+
+    Returns the projected rows and a (N, 1) flag of the rows that moved.
+    """
     outside = norm_p > 1.0
     inside = norm_p < 1.0
     z = a.clone()
     if bool(outside.any()):
         rows = outside.squeeze(-1)
         ao = a[rows]
-        # Φ(ν) = Σ z_i(ν)^p − 1 decreases from Φ(0) > 0; Φ(hi) ≤ 0 at hi = ‖a‖_{p*} / p.
+        # The multiplier equation, written as G(ν) = 1 / ‖z(ν)‖_p − 1 = 0: G increases from
+        # G(0) < 0 and G(hi) ≥ 0 at hi = ‖a‖_{p*} / p (p* the dual exponent). This form
+        # is exactly linear in ν for p = 2 and needs about half the Newton steps of
+        # Σ z^p − 1 for other p.
         dual = p / (p - 1.0)
         hi = torch.linalg.vector_norm(ao, dual, dim=-1, keepdim=True) / p
+        warm = [ao]
 
-        def phi(nu: Tensor) -> tuple[Tensor, Tensor]:
-            zz = _shrink_coordinates(ao, nu, p)
-            value = (zz**p).sum(-1, keepdim=True) - 1.0
-            slope = (p * zz ** (p - 1.0) * _shrink_derivative(zz, nu, p)).sum(-1, keepdim=True)
-            return value, slope
+        def multiplier_equation(nu: Tensor) -> tuple[Tensor, Tensor]:
+            zz = _shrink_coordinates(ao, nu, p, start=warm[0])
+            warm[0] = zz
+            zp1 = zz ** (p - 1.0)
+            total = (zp1 * zz).sum(-1, keepdim=True)  # Σ z^p
+            d_total = (p * zp1 * _shrink_derivative(zz, nu, p)).sum(-1, keepdim=True)
+            norm = total ** (1.0 / p)
+            return 1.0 / norm - 1.0, -d_total / (p * total * norm)
 
         lo = torch.zeros_like(hi)
-        nu = _safeguarded_newton(phi, lo, hi, lo.clone(), increasing=False)
-        z[rows] = _shrink_coordinates(ao, nu, p)
+        nu = _safeguarded_newton(multiplier_equation, lo, hi, lo.clone(), increasing=True)
+        z[rows] = _shrink_coordinates(ao, nu, p, start=warm[0])
     if not ball and bool(inside.any()):
         rows = inside.squeeze(-1)
         z[rows] = _general_p_push_out(a[rows], p)
-    return z.to(dtype), inside
+    return z, outside if ball else outside | inside
 
 
 def _general_p_push_out(a: Tensor, p: float) -> Tensor:
@@ -455,10 +508,12 @@ def _general_p_push_out(a: Tensor, p: float) -> Tensor:
     top, index = a.max(dim=-1, keepdim=True)
     others = a.scatter(-1, index, torch.zeros_like(top))
     lo, hi = top.clone(), torch.ones_like(top)
+    rest = others
     for _ in range(200):
         t = 0.5 * (lo + hi)
         c = (t - top) / (p * t ** (p - 1.0))
-        zz = _rising_root(others, c, p).scatter(-1, index, t)
+        rest = _rising_root(others, c, p, start=rest)
+        zz = rest.scatter(-1, index, t)
         value = (zz**p).sum(-1, keepdim=True) - 1.0
         lo = torch.where(value < 0, t, lo)
         hi = torch.where(value < 0, hi, t)
@@ -466,38 +521,27 @@ def _general_p_push_out(a: Tensor, p: float) -> Tensor:
             break
     t = 0.5 * (lo + hi)
     c = (t - top) / (p * t ** (p - 1.0))
-    return _rising_root(others, c, p).scatter(-1, index, t)
+    return _rising_root(others, c, p, start=rest).scatter(-1, index, t)
 
 
-def _general_forward(
-    x: Tensor, r: float | Tensor, dim: int, p: float, ball: bool
-) -> tuple[Tensor, Tensor]:
+def _general_forward(x: Tensor, r: float | Tensor, dim: int, p: float, ball: bool) -> Tensor:
+    scaled, norm_p, rr = _general_prepare(x, r, dim, p)  # solved in float64, unit radius
     work = x.movedim(dim, -1)
-    rr = r.movedim(dim, -1) if isinstance(r, Tensor) else r
-    scaled = (work.abs() / rr).to(torch.float64)  # solve in float64 on the unit sphere
-    shape = scaled.shape
-    z, inside = _general_p_unit(scaled.reshape(-1, shape[-1]), p, ball)
-    z = z.reshape(shape).to(x.dtype)
-    y = torch.copysign(z * rr, work)
-    inside = inside.reshape((*shape[:-1], 1))
-    return y.movedim(-1, dim).contiguous(), inside.movedim(-1, dim)
+    z, moved = _general_p_unit(scaled, norm_p, p, ball)
+    z = z.reshape(work.shape).to(x.dtype)
+    y = torch.copysign(z * (rr.to(x.dtype) if isinstance(rr, Tensor) else rr), work)
+    # Rows left in place return x itself (not |x| / r · r, which may round differently).
+    y = torch.where(moved.reshape((*work.shape[:-1], 1)), y, work)
+    return y.movedim(-1, dim).contiguous()
 
 
 def _general_backward(
-    v: Tensor,
-    x: Tensor,
-    y: Tensor,
-    inside: Tensor,
-    r: float | Tensor,
-    dim: int,
-    p: float,
-    ball: bool,
+    v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, p: float, ball: bool
 ) -> tuple[Tensor, Tensor]:
     # h(u) = Σ|u_i|^p − r^p; ∇h = p g with g = sign(y)|y|^(p−1); λ from eq. (25).
     magnitude = y.abs()
     g = torch.sign(y) * magnitude ** (p - 1.0)
-    gg = _dot(g, g, dim)
-    lam = _dot(y - x, g, dim) / gg  # y − x = lam · g  (lam = λ p)
+    lam = _dot(y - x, g, dim) / _dot(g, g, dim)  # y − x = lam · g  (lam = λ p)
     # H = I − λ ∇²h = diag(1 − lam (p−1) |y|^(p−2)); d = 1 / H_ii, finite at y_i = 0.
     if p >= 2.0:
         d = 1.0 / (1.0 - lam * (p - 1.0) * magnitude ** (p - 2.0))
@@ -506,13 +550,17 @@ def _general_backward(
         den = t - lam * (p - 1.0)
         d = torch.where(den == 0, torch.ones_like(t), t / torch.where(den == 0, 1.0, den))
     dg = d * g
-    gdg = _dot(g, dg, dim)
     # Corollary 4.7 with B = −I: Dy = H⁻¹ − H⁻¹aaᵀH⁻¹ / (aᵀH⁻¹a), symmetric.
-    coef = _dot(dg, v, dim) / gdg
+    coef = _dot(dg, v, dim) / _dot(g, dg, dim)
     grad_x = d * v - dg * coef
-    # dy/dr = H⁻¹a (p r^(p−1)) / (aᵀH⁻¹a) (Prop. 4.5 with C = −p r^(p−1)).
+    # dy/dr = H⁻¹a (p r^(p−1)) / (aᵀH⁻¹a) (Prop. 4.5 with C = D_r h = −p r^(p−1)).
     grad_r = coef * r ** (p - 1.0)
     if ball:
+        # Strictly inside: y = x and Dy = I (same decision as the forward).
+        _, norm_p, _ = _general_prepare(x, r, dim, p)
+        shape = list(x.movedim(dim, -1).shape)
+        shape[-1] = 1
+        inside = (norm_p < 1.0).reshape(shape).movedim(-1, dim)
         grad_x = torch.where(inside, v, grad_x)
         grad_r = torch.where(inside, torch.zeros_like(grad_r), grad_r)
     return grad_x, grad_r
@@ -524,57 +572,48 @@ def _general_backward(
 
 
 class _LpProjectionFunction(torch.autograd.Function):
-    """(y, aux) = Π(x) onto an Lp sphere or ball, with a closed-form one-pass backward.
+    """y = Π(x) onto an Lp sphere or ball, with a closed-form one-pass backward.
 
-    ``aux`` is a per-row fact the backward needs and the forward computes anyway
-    (‖x‖₂ for p = 2, the strictly-inside flag for p = 1 and general p); it is marked
-    non-differentiable and dropped by the public functions.
+    Written in the ``forward`` / ``setup_context`` / ``backward`` form. The backward
+    recomputes the few per-row facts it needs (‖x‖₂, the inside-the-ball flag) from the
+    saved ``x`` with the forward's own expressions, so that decisions agree exactly.
     """
 
     @staticmethod
     def forward(
         x: Tensor, radius: float | Tensor, p: float, ball: bool, dim: int, masked: bool
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Tensor:
         if p == 2.0:
             return _l2_forward(x, radius, dim, ball)
         if p == math.inf:
-            y = _linf_forward(x, radius, dim, ball)
-            return y, y.new_empty(0)
+            return _linf_forward(x, radius, dim, ball)
         if p == 1.0:
             return _l1_forward(x, radius, dim, ball)
         return _general_forward(x, radius, dim, p, ball)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, radius, p, ball, dim, masked = inputs
-        y, aux = output
-        ctx.mark_non_differentiable(aux)
         ctx.p, ctx.ball, ctx.dim, ctx.masked = p, ball, dim, masked
         ctx.radius_is_tensor = isinstance(radius, Tensor)
         ctx.radius_float = None if ctx.radius_is_tensor else radius
-        general = p not in (1.0, 2.0, math.inf)
-        saved = [y, aux, *([x] if general else []), *([radius] if ctx.radius_is_tensor else [])]
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(x, output, *([radius] if ctx.radius_is_tensor else []))
 
     @staticmethod
-    def backward(ctx: Any, v: Tensor, _aux_grad: Any) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         p, ball, dim, masked = ctx.p, ctx.ball, ctx.dim, ctx.masked
-        general = p not in (1.0, 2.0, math.inf)
-        saved = list(ctx.saved_tensors)
-        y, aux = saved[0], saved[1]
-        x = saved[2] if general else None
-        r = saved[-1] if ctx.radius_is_tensor else ctx.radius_float
+        x, y, *rest = ctx.saved_tensors
+        r = rest[0] if ctx.radius_is_tensor else ctx.radius_float
         if p == 2.0:
-            grad_x, grad_r = _l2_backward(v, y, aux, r, dim, ball)
+            grad_x, grad_r = _l2_backward(v, x, y, r, dim, ball)
         elif p == math.inf:
             grad_x, grad_r = _linf_backward(v, y, r, dim, masked)
         elif p == 1.0:
-            grad_x, grad_r = _l1_backward(v, y, aux, dim, ball, masked)
+            grad_x, grad_r = _l1_backward(v, x, y, r, dim, ball, masked)
         else:
-            grad_x, grad_r = _general_backward(v, x, y, aux, r, dim, p, ball)
+            grad_x, grad_r = _general_backward(v, x, y, r, dim, p, ball)
         grad_radius = _reduce_to(grad_r, r) if ctx.needs_input_grad[1] else None
-        grad_x = grad_x if ctx.needs_input_grad[0] else None
-        return grad_x, grad_radius, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_radius, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -588,8 +627,12 @@ def _project(
     p = _check_p(p)
     dim = _check_x(x, dim)
     r = _prepare_radius(radius, x, dim)
-    y, _ = _LpProjectionFunction.apply(x, r, p, kind == "ball", dim, bool(masked))
-    return y
+    ball = kind == "ball"
+    needs_grad = x.requires_grad or (isinstance(r, Tensor) and r.requires_grad)
+    if not (needs_grad and torch.is_grad_enabled()):
+        # Nothing to differentiate: skip the autograd.Function and its bookkeeping.
+        return _LpProjectionFunction.forward(x, r, p, ball, dim, bool(masked))
+    return _LpProjectionFunction.apply(x, r, p, ball, dim, bool(masked))
 
 
 def project_onto_sphere(
@@ -612,7 +655,8 @@ def project_onto_sphere(
       the tangent projector I − e_1 e_1ᵀ (the Jacobian at x = r e_1), which is finite
       where the true derivative is unbounded.
     * Ties for the largest magnitude (p = ∞, or p > 2 from inside): the first index.
-    * Zero coordinates are pushed out with a positive sign (p = 1, p < 2 from inside).
+    * Zero coordinates are pushed out with the sign bit of x, so +0 grows positive
+      (p = 1 and p < 2 from inside; at x = 0 every coordinate becomes r n^(−1/p)).
     * From inside with general p the problem is not convex; the solver returns the
       stationary point described in ``docs/projections.md`` (the nearest point in tests).
 
@@ -634,8 +678,8 @@ def project_onto_sphere(
         Tensor of the same shape and dtype as ``x`` with ‖y‖_p = radius along ``dim``.
 
     Raises:
-        ValueError: p < 1, a radius that is not > 0, a ``dim`` out of range, or a radius
-            whose shape does not broadcast.
+        ValueError: p < 1, a radius that is not finite and > 0, a ``dim`` out of range,
+            or a radius whose shape does not broadcast.
         TypeError: a non-floating ``x`` or a ``p`` that is not a number.
 
     Example:
@@ -669,15 +713,16 @@ def project_onto_ball(
             require grad.
         dim: The dimension to project along.
         masked: Use the plateau-free Jacobian D²y (only changes p = 1 and p = ∞): then
-            the p = ∞ gradient equals clamp's and the p = 1 gradient is zero on the
-            coordinates that were projected to zero.
+            the p = ∞ gradient equals clamp's (except that coordinates exactly at ±r
+            count as clipped) and the p = 1 gradient is zero on the coordinates that
+            were projected to zero.
 
     Returns:
         Tensor of the same shape and dtype as ``x`` with ‖y‖_p ≤ radius along ``dim``.
 
     Raises:
-        ValueError: p < 1, a radius that is not > 0, a ``dim`` out of range, or a radius
-            whose shape does not broadcast.
+        ValueError: p < 1, a radius that is not finite and > 0, a ``dim`` out of range,
+            or a radius whose shape does not broadcast.
         TypeError: a non-floating ``x`` or a ``p`` that is not a number.
 
     Example:
@@ -709,10 +754,9 @@ class _SimplexFunction(torch.autograd.Function):
         y, *rest = ctx.saved_tensors
         dim = ctx.dim
         # Dy = diag(s) − s sᵀ / |S| with s the indicator of the support S = {y > 0}.
-        support = y > 0
-        count = support.sum(dim, keepdim=True).clamp_min(1).to(v.dtype)
-        mean = torch.where(support, v, torch.zeros_like(v)).sum(dim, keepdim=True) / count
-        grad_x = torch.where(support, v - mean, torch.zeros_like(v))
+        support = torch.sign(y)
+        mean = _dot(support, v, dim) / _dot(support, support, dim).clamp_min(1.0)
+        grad_x = support * (v - mean)
         grad_total = mean.sum_to_size(rest[0].shape) if ctx.total_is_tensor else None
         return (grad_x if ctx.needs_input_grad[0] else None), grad_total, None
 
@@ -801,8 +845,8 @@ class LpProjection(nn.Module):
         else:
             if isinstance(radius, bool) or not isinstance(radius, (int, float)):
                 raise TypeError(f"radius must be a positive float or tensor; got {radius!r}.")
-            if not float(radius) > 0:
-                raise ValueError(f"radius must be > 0; got radius={radius}.")
+            if not (float(radius) > 0 and math.isfinite(radius)):
+                raise ValueError(f"radius must be > 0 and finite; got radius={radius}.")
             self.radius = float(radius)
 
     def forward(self, x: Tensor) -> Tensor:
