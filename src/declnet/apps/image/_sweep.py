@@ -135,7 +135,9 @@ def format_report(results: Sequence[dict[str, Any]]) -> str:
         f"{first.get('train_images')} training / {first.get('val_images')} validation images; "
         f"ResNet-18 width {config.get('width')} ({first.get('params'):,} parameters), "
         f"{first.get('epochs')} epochs, batch {config.get('batch_size')}, "
-        f"device {first.get('device')}. Times in µs per training image.",
+        f"device {first.get('device')}"
+        + ("; masked (plateau-free) projection gradients" if config.get("masked") else "")
+        + ". Times in µs per training image.",
         "",
         "| Model | Radius | Top-1 % | Top-5 % | mAP ×100 | Data µs | Fwd µs | (Proj µs) "
         "| Bwd µs |",
