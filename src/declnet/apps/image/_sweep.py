@@ -134,7 +134,8 @@ def format_report(results: Sequence[dict[str, Any]]) -> str:
         f"Dataset {first.get('dataset', config.get('dataset'))}: "
         f"{first.get('train_images')} training / {first.get('val_images')} validation images; "
         f"ResNet-18 width {config.get('width')} ({first.get('params'):,} parameters), "
-        f"{first.get('epochs')} epochs, batch {config.get('batch_size')}, "
+        f"{first.get('epochs')} epoch{'' if first.get('epochs') == 1 else 's'}, "
+        f"batch {config.get('batch_size')}, "
         f"device {first.get('device')}"
         + ("; masked (plateau-free) projection gradients" if config.get("masked") else "")
         + ". Times in µs per training image.",
