@@ -43,3 +43,8 @@ docs: torch
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info
+
+# The image experiment (paper §7, Table 6): ResNet-18 with every projection, on the digits.
+.PHONY: demo-image
+demo-image: install-apps
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m declnet.apps.image sweep --preset demo
