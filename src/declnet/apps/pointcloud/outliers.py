@@ -1,4 +1,4 @@
-"""Outlier injection: replace some of the points of each cloud by points uniform in the unit ball."""
+"""Outlier injection: replace some points of each cloud by points uniform in the unit ball."""
 
 from __future__ import annotations
 
