@@ -356,7 +356,7 @@ def run_training(
                 totals[1] += float((logits.argmax(1) == y).sum())
                 totals[2] += len(idx)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         scheduler.step()
         if info.enabled:
             packed = torch.cat([totals, times]).to(device)
