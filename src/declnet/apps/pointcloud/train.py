@@ -265,7 +265,7 @@ def run_training(
     device = resolve_device(config.device, info)
     info = init_distributed(device)
     if config.threads is not None:
-        torch.set_num_threads(config.threads)
+        torch.set_num_threads(max(1, min(config.threads, os.cpu_count() or 1)))
 
     final_path = run_dir / FINAL_FILE
     ckpt_path = run_dir / CHECKPOINT_FILE
@@ -286,6 +286,7 @@ def run_training(
             raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it")
     if resume and final_path.is_file():
         return json.loads(final_path.read_text())
+    _barrier(info)  # every process has checked the folder before the main one writes to it
 
     train_set, test_set = data if data is not None else load_data(config)
     train_points = corrupted(train_set.points, config.train_outlier_rate, config.seed, "train")
