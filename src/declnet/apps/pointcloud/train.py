@@ -293,7 +293,11 @@ def run_training(
     test_points = corrupted(test_set.points, config.train_outlier_rate, config.seed, "test")
 
     torch.manual_seed(derive_seed(config.seed, "init"))
-    model = PointNet(train_set.num_classes, config.pool, config.alpha, config.width).to(device)
+    model: nn.Module = PointNet(train_set.num_classes, config.pool, config.alpha, config.width)
+    if info.enabled and device.type == "cuda":
+        # BatchNorm statistics over the whole batch of all processes, as on one device.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(1, config.epochs // 3), gamma=0.5
