@@ -6,6 +6,56 @@ implicit differentiation of the optimality conditions rather than from
 back-propagating through the solver.
 """
 
+from ._diagnostics import DeclarativeWarning, OptimalityResidual
+from ._function import DeclarativeFunction, declarative
+from ._implicit import ImplicitBackward, UnrolledBackward, implicit_vjp, optimality_residual
+from ._node import (
+    DeclarativeNode,
+    EqualityConstrainedNode,
+    InequalityConstrainedNode,
+    LinearEqualityConstrainedNode,
+    Solution,
+)
+
+# Robust pooling layers (paper §5.1).
+from .layers import (
+    Huber,
+    Penalty,
+    PseudoHuber,
+    Quadratic,
+    RobustPool,
+    TruncatedQuadratic,
+    Welsch,
+    robust_pool,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "DeclarativeFunction",
+    "DeclarativeNode",
+    "DeclarativeWarning",
+    "EqualityConstrainedNode",
+    "ImplicitBackward",
+    "InequalityConstrainedNode",
+    "LinearEqualityConstrainedNode",
+    "OptimalityResidual",
+    "Solution",
+    "UnrolledBackward",
+    "__version__",
+    "declarative",
+    "implicit_vjp",
+    "optimality_residual",
+]
+
+# Robust pooling layers (paper §5.1).
+__all__ += [
+    "Huber",
+    "Penalty",
+    "PseudoHuber",
+    "Quadratic",
+    "RobustPool",
+    "TruncatedQuadratic",
+    "Welsch",
+    "robust_pool",
+]

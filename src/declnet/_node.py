@@ -1,0 +1,311 @@
+"""Declarative nodes: the user's contract.
+
+A node's output is ``y(x) ∈ argmin_u f(x, u)`` subject to optional constraints. The
+user subclasses one of the node classes here, writes the objective (and constraints)
+as batched PyTorch code, and a ``solve`` that finds ``y`` by any algorithm; the
+library differentiates ``y`` by implicit differentiation of the optimality
+conditions (Propositions 4.4–4.6 of the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._diagnostics import check_batched, node_name
+
+__all__ = [
+    "DeclarativeNode",
+    "EqualityConstrainedNode",
+    "InequalityConstrainedNode",
+    "LinearEqualityConstrainedNode",
+    "Solution",
+]
+
+
+@dataclass
+class Solution:
+    """What a node's ``solve`` may return instead of a bare tensor.
+
+    Attributes:
+        y: ``(B, ...)`` the solution, one per sample.
+        multipliers: optional ``(B, p + q)`` Lagrange multipliers, equality constraints
+            first, then inequality constraints, in the paper's sign convention
+            ``D_Y f(x, y) = λᵀ D_Y h̃(x, y)`` with ``L = f − λᵀ h̃`` (so multipliers of
+            active inequalities ``g ≤ 0`` are ``≤ 0``, and those of inactive ones 0).
+            When absent the engine recovers them by least squares (eq. 25).
+        active: optional ``(B, q)`` boolean mask of active inequality constraints; when
+            absent it is detected from ``g(x, y) ≥ −tol``.
+        info: free-form solver information (iterations, status, ...), kept for the user.
+    """
+
+    y: Tensor
+    multipliers: Tensor | None = None
+    active: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class DeclarativeNode(nn.Module):
+    """An unconstrained declarative node, ``y(x) ∈ argmin_u f(x, u)`` (Prop. 4.4).
+
+    Subclasses implement
+
+    - ``objective(*xs, y) -> (B,)``: the objective for each sample, batched; ``y`` is passed
+      by keyword and has the shape that ``solve`` returns, ``(B, ...)``.
+    - ``solve(*xs) -> y or Solution``: any algorithm at all, run under ``torch.no_grad()``.
+
+    Calling the node solves and returns a differentiable ``y``; its backward pass solves
+    one linear system per sample (the Hessian of the objective, or the KKT matrix for
+    constrained nodes) and never back-propagates through ``solve``.
+
+    Inputs: every tensor input with at least one dimension is batched along its first
+    dimension, and all of them must share the batch size ``B``; samples are independent.
+    0-d tensors and non-tensor inputs are shared by the whole batch. Inputs that do not
+    require grad, and non-tensor inputs, get no gradient. Learnable parameters of the node
+    (its ``nn.Parameter`` s used inside the objective or constraints) get gradients too.
+
+    Args:
+        backward: how to differentiate, an :class:`~declnet.ImplicitBackward` (the default)
+            or :class:`~declnet.UnrolledBackward`.
+        check_optimality: after each solve, compute the first-order optimality residual
+            and warn (:class:`~declnet.DeclarativeWarning`) when it exceeds
+            ``optimality_tol``; a wrong ``y`` is the most common user error.
+        optimality_tol: tolerance for that check, relative to ``1 + ‖D_Y f‖`` (default
+            ``sqrt(eps)`` of the dtype, times 10).
+
+    Example:
+        >>> class Mean(declnet.DeclarativeNode):
+        ...     def objective(self, x, *, y):          # (B, n), (B, 1) -> (B,)
+        ...         return 0.5 * ((y - x) ** 2).sum(-1)
+        ...     def solve(self, x):
+        ...         return x.mean(-1, keepdim=True)
+        >>> x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+        >>> Mean()(x).sum().backward()                 # x.grad == 1/10 everywhere
+    """
+
+    def __init__(
+        self,
+        *,
+        backward: Any = None,
+        check_optimality: bool = False,
+        optimality_tol: float | None = None,
+    ) -> None:
+        super().__init__()
+        from ._implicit import ImplicitBackward
+
+        self.backward_mode = ImplicitBackward() if backward is None else backward
+        self.check_optimality = check_optimality
+        self.optimality_tol = optimality_tol
+
+    # -- the user's part -------------------------------------------------------------------
+    def objective(self, *xs: Any, y: Tensor) -> Tensor:
+        """The objective ``f(x, y)`` for each sample, shape ``(B,)``. Abstract: subclasses
+        implement it (constrained nodes may omit it for a feasibility problem)."""
+        raise NotImplementedError(  # abstract
+            f"{node_name(self)} must implement `objective(self, *xs, y)` returning a (B,) "
+            "tensor (or derive from a constrained node class, where omitting it means a "
+            "feasibility problem)."
+        )
+
+    def solve(self, *xs: Any) -> Tensor | Solution:
+        """Solve the optimisation problem for a batch; runs under ``torch.no_grad()``.
+        Abstract: subclasses implement it."""
+        raise TypeError(
+            f"{node_name(self)} has no `solve` method. Implement `solve(self, *xs)` returning "
+            "the minimiser y of shape (B, ...) (or a declnet.Solution)."
+        )
+
+    # -- structure queried by the engine ----------------------------------------------------
+    @property
+    def has_equality_constraints(self) -> bool:
+        """Whether the node defines ``equality_constraints``."""
+        return False
+
+    @property
+    def has_inequality_constraints(self) -> bool:
+        """Whether the node defines ``inequality_constraints``."""
+        return False
+
+    @property
+    def has_objective(self) -> bool:
+        """False for a feasibility problem (a constrained node without an objective)."""
+        return type(self).objective is not _FEASIBILITY_OBJECTIVE
+
+    def forward(self, *xs: Any) -> Tensor:
+        """Solve for ``y`` and return it, differentiable with respect to ``xs`` and the
+        node's parameters.
+
+        Args:
+            *xs: the inputs, batched along the first dimension.
+
+        Returns:
+            ``y`` of shape ``(B, ...)`` as returned by ``solve``.
+        """
+        from ._function import declarative
+
+        return declarative(self, *xs)
+
+    def jacobian(self, *xs: Any) -> Tensor | tuple[Tensor, ...]:
+        """The full Jacobian ``Dy(x)`` for small problems (teaching, tests).
+
+        Forms the Jacobian by solving the KKT system once per sample with all ``m`` unit
+        right-hand sides at once (dense factorisation). Use the node's backward pass, which
+        never forms it, for anything large.
+
+        Args:
+            *xs: the inputs; each tensor input ``x`` of shape ``(B, *s)``.
+
+        Returns:
+            For each tensor input, ``(B, *y.shape[1:], *s)`` with entry ``[b, i, j] = ∂y_bi/∂x_bj``
+            (a tuple when there are several tensor inputs). For a 0-d (shared) input the
+            trailing dimensions are empty and the entries are per-sample derivatives.
+        """
+        from ._implicit import jacobian
+
+        return jacobian(self, xs)
+
+
+def _feasibility_objective(self: DeclarativeNode, *xs: Any, y: Tensor) -> Tensor:
+    """No objective: a feasibility problem (§4.7.1), ``f ≡ 0``."""
+    return torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+
+
+_FEASIBILITY_OBJECTIVE = _feasibility_objective
+
+
+class EqualityConstrainedNode(DeclarativeNode):
+    """A declarative node with equality constraints ``h(x, y) = 0`` (Prop. 4.5).
+
+    Subclasses implement ``objective`` (omit it for a feasibility problem),
+    ``equality_constraints(*xs, y) -> (B, p)`` and ``solve``. The constraint Jacobian
+    must have full row rank at the solution (regularity); where it does not, the engine
+    falls back to a pseudo-inverse and warns (§4.7.3).
+
+    Example:
+        >>> class SphereProjection(declnet.EqualityConstrainedNode):
+        ...     def objective(self, x, *, y):
+        ...         return 0.5 * ((y - x) ** 2).sum(-1)
+        ...     def equality_constraints(self, x, *, y):
+        ...         return (y ** 2).sum(-1, keepdim=True) - 1.0
+        ...     def solve(self, x):
+        ...         return x / x.norm(dim=-1, keepdim=True)
+    """
+
+    objective = _feasibility_objective
+
+    @property
+    def has_equality_constraints(self) -> bool:
+        return True
+
+    def equality_constraints(self, *xs: Any, y: Tensor) -> Tensor:
+        """``h(x, y)`` of shape ``(B, p)``; the solution satisfies ``h = 0``. Abstract."""
+        raise NotImplementedError(  # abstract
+            f"{node_name(self)} must implement `equality_constraints(self, *xs, y)` "
+            "returning a (B, p) tensor."
+        )
+
+
+class InequalityConstrainedNode(DeclarativeNode):
+    """A declarative node with inequality constraints ``g(x, y) ≤ 0`` and optionally
+    equality constraints ``h(x, y) = 0`` (Prop. 4.6).
+
+    Subclasses implement ``objective`` (omit it for a feasibility problem),
+    ``inequality_constraints(*xs, y) -> (B, q)``, optionally
+    ``equality_constraints(*xs, y) -> (B, p)``, and ``solve``.
+
+    Active set: inequality ``i`` is active where ``g_i ≥ −tol`` with ``tol`` relative to the
+    problem's scale (see :class:`~declnet.ImplicitBackward`), unless ``solve`` returns a
+    :class:`Solution` with an ``active`` mask. Active constraints are treated as
+    equalities, inactive ones are dropped (masked per sample, so the batch keeps one
+    shape). An active constraint whose multiplier is zero (a degenerate point, where the
+    gradient is one-sided) is kept as an equality: the gradient returned is the one of the
+    problem with that constraint held tight.
+    """
+
+    objective = _feasibility_objective
+
+    @property
+    def has_inequality_constraints(self) -> bool:
+        return True
+
+    @property
+    def has_equality_constraints(self) -> bool:
+        return type(self).equality_constraints is not InequalityConstrainedNode.equality_constraints
+
+    def inequality_constraints(self, *xs: Any, y: Tensor) -> Tensor:
+        """``g(x, y)`` of shape ``(B, q)``; the solution satisfies ``g ≤ 0``. Abstract."""
+        raise NotImplementedError(  # abstract
+            f"{node_name(self)} must implement `inequality_constraints(self, *xs, y)` "
+            "returning a (B, q) tensor."
+        )
+
+    def equality_constraints(self, *xs: Any, y: Tensor) -> Tensor:
+        """Optional ``h(x, y)`` of shape ``(B, p)``."""
+        return y.new_zeros(y.shape[0], 0)
+
+
+class LinearEqualityConstrainedNode(DeclarativeNode):
+    """A declarative node with fixed linear equality constraints ``A y = d`` (Cor. 4.9).
+
+    The constraints do not depend on the inputs, so the backward pass needs no
+    multipliers and no second derivatives of the constraints: it solves
+    ``[[H, Aᵀ], [A, 0]] w = [v, 0]`` with ``H = D²_YY f``.
+
+    Args:
+        A: ``(p, m)`` or per-sample ``(B, p, m)`` constraint matrix with full row rank,
+            where ``m`` is the number of elements of one sample of ``y``.
+        d: ``(p,)`` or ``(B, p)`` right-hand side.
+        **kwargs: passed to :class:`DeclarativeNode`.
+
+    Subclasses implement ``objective`` and ``solve``; ``equality_constraints`` is provided.
+
+    Example:
+        >>> class MinKL(declnet.LinearEqualityConstrainedNode):   # y on the simplex
+        ...     def objective(self, x, *, y):
+        ...         return (y * (y.log() - x)).sum(-1)
+        ...     def solve(self, x):
+        ...         return torch.softmax(x, -1)
+        >>> node = MinKL(torch.ones(1, 5), torch.ones(1))
+    """
+
+    def __init__(self, A: Tensor, d: Tensor, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(A, Tensor) or not isinstance(d, Tensor):
+            raise TypeError(
+                f"{node_name(self)}: A and d must be tensors, got {type(A).__name__} and "
+                f"{type(d).__name__}."
+            )
+        if A.dim() not in (2, 3) or d.dim() != A.dim() - 1 or d.shape[-1] != A.shape[-2]:
+            raise ValueError(
+                f"{node_name(self)}: expected A of shape (p, m) with d of shape (p,), or A of "
+                f"shape (B, p, m) with d of shape (B, p); got A {tuple(A.shape)} and d "
+                f"{tuple(d.shape)}."
+            )
+        self.register_buffer("A", A)
+        self.register_buffer("d", d)
+
+    @property
+    def has_equality_constraints(self) -> bool:
+        return True
+
+    def constraint_matrix(self, batch: int, m: int) -> Tensor:
+        """``A`` broadcast to ``(B, p, m)``, checked against the output size ``m``."""
+        A = self.A
+        if A.shape[-1] != m or (A.dim() == 3 and A.shape[0] != batch):
+            raise ValueError(
+                f"{node_name(self)}: A has shape {tuple(A.shape)} but the output has B={batch} "
+                f"samples of m={m} elements; expected (p, {m}) or ({batch}, p, {m})."
+            )
+        return A.expand(batch, *A.shape[-2:])
+
+    def equality_constraints(self, *xs: Any, y: Tensor) -> Tensor:
+        """``A y − d`` of shape ``(B, p)``."""
+        batch = y.shape[0]
+        flat = y.reshape(batch, -1)
+        A = self.constraint_matrix(batch, flat.shape[1]).to(flat.dtype)
+        d = self.d.to(flat.dtype).expand(batch, A.shape[1])
+        return check_batched(self, "equality_constraints", (A @ flat.unsqueeze(-1)).squeeze(-1) - d,
+                             batch, 2)
