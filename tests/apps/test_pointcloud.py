@@ -91,7 +91,9 @@ def test_synthetic_export_round_trips_through_the_h5_loader(tmp_path):
     )
     export_h5(train, test, tmp_path, chunk=4)
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == [
-        "ply_data_test0.h5", "ply_data_train0.h5", "ply_data_train1.h5",
+        "ply_data_test0.h5",
+        "ply_data_train0.h5",
+        "ply_data_train1.h5",
     ]
     with h5py.File(tmp_path / "ply_data_train0.h5") as f:
         assert f["label"].dtype == np.uint8 and f["label"].shape == (4, 1)
@@ -101,9 +103,7 @@ def test_synthetic_export_round_trips_through_the_h5_loader(tmp_path):
     assert test2.class_names == list(SYNTHETIC_CLASSES[:3])
 
 
-_CUBE_VERTICES = "\n".join(
-    f"{x} {y} {z}" for x in (0, 1) for y in (0, 1) for z in (0, 1)
-)
+_CUBE_VERTICES = "\n".join(f"{x} {y} {z}" for x in (0, 1) for y in (0, 1) for z in (0, 1))
 _CUBE_QUADS = "4 0 1 3 2\n4 4 6 7 5\n4 0 4 5 1\n4 2 3 7 6\n4 0 2 6 4\n4 1 5 7 3"
 
 
@@ -121,8 +121,11 @@ def test_read_off_accepts_a_header_glued_to_the_counts(tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("PLY\n", "not an OFF"), ("OFF\n3 1 0\n0 0 0\n1 0 0\n", "expected 3 vertices"),
-     ("OFF3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n", "do not exist")],
+    [
+        ("PLY\n", "not an OFF"),
+        ("OFF\n3 1 0\n0 0 0\n1 0 0\n", "expected 3 vertices"),
+        ("OFF3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n", "do not exist"),
+    ],
 )
 def test_read_off_rejects_malformed_files(tmp_path, text, message):
     path = tmp_path / "bad.off"
@@ -252,8 +255,13 @@ def test_outlier_rate_is_validated():
 def test_map_matches_a_hand_computed_example():
     labels = torch.tensor([0, 1, 2, 0, 1])
     scores = torch.tensor(
-        [[0.90, 0.05, 0.05], [0.80, 0.10, 0.10], [0.10, 0.60, 0.30], [0.40, 0.50, 0.10],
-         [0.30, 0.70, 0.00]]
+        [
+            [0.90, 0.05, 0.05],
+            [0.80, 0.10, 0.10],
+            [0.10, 0.60, 0.30],
+            [0.40, 0.50, 0.10],
+            [0.30, 0.70, 0.00],
+        ]
     )
     # Class 0: ranking i0 (rel), i1, i3 (rel), ...: AP = (1/1 + 2/3) / 2 = 5/6.
     # Class 1: ranking i4 (rel), i2, i3, i1 (rel): AP = (1/1 + 2/4) / 2 = 3/4.
@@ -349,6 +357,15 @@ def test_presets_are_overridden_by_explicit_options():
     assert PRESETS["paper"]["num_points"] == 2048 and PRESETS["paper"]["width"] == 1024
 
 
+def test_sweep_protocol_flags():
+    from declnet.apps.pointcloud.cli import _parser
+
+    parse = _parser().parse_args
+    assert parse(["sweep"]).train_clean is None  # the preset decides
+    assert parse(["sweep", "--train-clean"]).train_clean is True
+    assert parse(["sweep", "--same-rate"]).train_clean is False
+
+
 def _parse_markdown_table(text: str) -> list[list[str]]:
     rows = [line for line in text.splitlines() if line.startswith("|")]
     return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
@@ -383,16 +400,39 @@ def test_smoke_preset_end_to_end_through_sweep_and_report(tmp_path, capsys):
 
 
 def test_cli_reports_a_missing_data_root_with_the_layout(tmp_path, capsys):
-    code = main(["train", "--preset", "smoke", "--dataset", "modelnet40_h5",
-                 "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--dataset",
+            "modelnet40_h5",
+            "--data-root",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "ply_data_train0.h5" in err
 
 
 def test_train_command_writes_a_run(tmp_path, capsys):
-    code = main(["train", "--preset", "smoke", "--epochs", "1", "--outlier-rate", "0.25",
-                 "--out", str(tmp_path / "run"), "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--epochs",
+            "1",
+            "--outlier-rate",
+            "0.25",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["protocol"] == "same" and final["results"][0]["outlier_rate"] == 0.25
@@ -405,9 +445,24 @@ def test_torchrun_with_two_cpu_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "declnet.apps.pointcloud", "train", "--preset", "smoke", "--device", "cpu",
-           "--out", str(tmp_path / "run"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "declnet.apps.pointcloud",
+        "train",
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     final = json.loads((tmp_path / "run" / "final.json").read_text())

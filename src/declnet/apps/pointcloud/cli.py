@@ -90,10 +90,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train a grid of pools × outlier rates, then report")
     _common(p)
-    p.add_argument("--pools", nargs="+", choices=POOLS, metavar="POOL",
-                   help=f"pooling choices (default: all six: {' '.join(POOLS)})")
-    p.add_argument("--outlier-rates", nargs="+", type=float, metavar="RATE",
-                   help="outlier fractions, e.g. 0 0.1 0.5")
+    p.add_argument(
+        "--pools",
+        nargs="+",
+        choices=POOLS,
+        metavar="POOL",
+        help=f"pooling choices (default: all six: {' '.join(POOLS)})",
+    )
+    p.add_argument(
+        "--outlier-rates",
+        nargs="+",
+        type=float,
+        metavar="RATE",
+        help="outlier fractions, e.g. 0 0.1 0.5",
+    )
     p.add_argument(
         "--train-clean",
         action="store_true",

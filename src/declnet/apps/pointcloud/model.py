@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ class PointNet(nn.Module):
         self.penalty = None if pool == "max" else make_penalty(pool, alpha)
         channels = (3, 64, 128, width)
         layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
+        for i, (cin, cout) in enumerate(itertools.pairwise(channels)):
             layers += [nn.Conv1d(cin, cout, 1), nn.BatchNorm1d(cout)]
             if i < len(channels) - 2:
                 layers.append(nn.ReLU())

@@ -166,7 +166,13 @@ def write_report(sweep_dir: str | Path, *, plots: bool = True) -> str:
                 f"### {title}\n\nTop-1 accuracy % and mean average precision × 100 "
                 f"on the test set.\n\n{table}\n"
             )
-    parts.append("### Training time per point cloud (ms)\n\n" + timing_table(finals) + "\n")
+    devices = ", ".join(sorted({f"{f['device']} × {f['world_size']}" for f in finals}))
+    parts.append(
+        "### Training time per point cloud (ms)\n\n"
+        f"Data loading, forward and backward pass; median over epochs; device: {devices}.\n\n"
+        + timing_table(finals)
+        + "\n"
+    )
     text = "\n".join(parts)
     (sweep_dir / RESULTS_FILE).write_text(text)
     if plots:

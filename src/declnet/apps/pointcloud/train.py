@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -406,8 +407,9 @@ def run_training(
         points = corrupted(test_set.points, rate, config.seed, "test")
         results.append({"outlier_rate": rate, **evaluate(model, points, test_set.labels, device)})
     metrics = _read_metrics(run_dir / METRICS_FILE) if info.is_main else []
+    # Median over epochs: robust to the first epoch's warm-up and to other load on the machine.
     timing = {
-        key: sum(m[f"time_{key}_ms"] for m in metrics) / max(len(metrics), 1)
+        key: statistics.median(m[f"time_{key}_ms"] for m in metrics) if metrics else float("nan")
         for key in ("data", "forward", "backward")
     }
     final = {
