@@ -281,6 +281,7 @@ def test_average_precision_counts_ties_together_and_skips_absent_classes():
         average_precision(torch.tensor([0.1]), torch.tensor([False]))
 
 
+@pytest.mark.slow
 def test_map_agrees_with_scikit_learn():
     metrics = pytest.importorskip("sklearn.metrics")
     gen = torch.Generator().manual_seed(0)
@@ -322,6 +323,7 @@ def _smoke_config(**changes) -> RunConfig:
     )
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_final_metrics(tmp_path):
     config = _smoke_config(epochs=3)
     whole = run_training(config, tmp_path / "whole")
@@ -371,6 +373,7 @@ def _parse_markdown_table(text: str) -> list[list[str]]:
     return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end_through_sweep_and_report(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0

@@ -265,8 +265,13 @@ def run_training(
     info = distributed_info()
     device = resolve_device(config.device, info)
     info = init_distributed(device)
+    cores = os.cpu_count() or 1
     if config.threads is not None:
-        torch.set_num_threads(max(1, min(config.threads, os.cpu_count() or 1)))
+        torch.set_num_threads(max(1, min(config.threads, cores)))
+    elif info.enabled and device.type == "cpu":
+        # Several CPU processes on one machine: share the cores instead of oversubscribing.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        torch.set_num_threads(max(1, cores // local))
 
     final_path = run_dir / FINAL_FILE
     ckpt_path = run_dir / CHECKPOINT_FILE
@@ -305,7 +310,7 @@ def run_training(
     )
     start_epoch = 0
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
