@@ -11,6 +11,7 @@ help:
 	@echo "make demo   - run the point-cloud robust-pooling experiment (demo preset)"
 	@echo "make test   - lint (ruff) and run the test suite (pytest)"
 	@echo "make bench  - print the benchmark tables"
+	@echo "make docs   - build the documentation site into build/site"
 
 torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -34,7 +35,11 @@ demo: install-apps
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m declnet.apps.pointcloud sweep --preset demo
 
 bench: install-test
-	OMP_WAIT_POLICY=PASSIVE $(PYTHON) benchmarks/backward.py
+	for script in benchmarks/*.py; do OMP_WAIT_POLICY=PASSIVE $(PYTHON) $$script || exit 1; done
+
+docs: torch
+	$(PIP) install -q -e ".[docs]"
+	$(PYTHON) -m mkdocs build --strict --site-dir build/site
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info

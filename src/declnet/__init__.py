@@ -6,6 +6,7 @@ implicit differentiation of the optimality conditions rather than from
 back-propagating through the solver.
 """
 
+from . import testing
 from ._diagnostics import DeclarativeWarning, OptimalityResidual
 from ._function import DeclarativeFunction, declarative
 from ._implicit import ImplicitBackward, UnrolledBackward, implicit_vjp, optimality_residual
@@ -24,9 +25,11 @@ from .layers import (
     PseudoHuber,
     Quadratic,
     RobustPool,
+    RobustVectorPool,
     TruncatedQuadratic,
     Welsch,
     robust_pool,
+    robust_vector_pool,
 )
 
 __version__ = "0.1.0"
@@ -46,6 +49,7 @@ __all__ = [
     "declarative",
     "implicit_vjp",
     "optimality_residual",
+    "testing",
 ]
 
 # Robust pooling layers (paper §5.1).
@@ -55,7 +59,9 @@ __all__ += [
     "PseudoHuber",
     "Quadratic",
     "RobustPool",
+    "RobustVectorPool",
     "TruncatedQuadratic",
     "Welsch",
     "robust_pool",
+    "robust_vector_pool",
 ]

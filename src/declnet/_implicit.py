@@ -42,17 +42,19 @@ class ImplicitBackward:
     Args:
         linear_solver: how to solve the KKT system.
 
-            - ``"auto"`` (default): dense when ``m + p + q ≤ dense_max_size``, else
-              matrix-free (``"cg"`` for unconstrained nodes, ``"minres"`` otherwise).
+            - ``"auto"`` (default): dense (``"cholesky"``) when ``m + p + q ≤ dense_max_size``,
+              else matrix-free (``"cg"``). Forming ``H`` costs ``m`` Hessian-vector
+              products, so beyond small sizes the iterative solvers are much faster.
             - ``"cholesky"``: dense; Cholesky of ``H`` (and of the Schur complement
               ``A H⁻¹ Aᵀ`` for constrained nodes). Where ``H`` is not positive definite it
               falls back to ``"lu"``.
             - ``"lu"``: dense LU on the whole KKT matrix.
             - ``"lstsq"``: dense minimum-norm least squares (pseudo-inverse from an
               eigendecomposition of the symmetric KKT matrix, eq. 35).
-            - ``"cg"``: matrix-free conjugate gradients with Hessian-vector products
-              (unconstrained nodes with positive definite ``H``; falls back to MINRES on
-              negative curvature).
+            - ``"cg"``: matrix-free conjugate gradients with Hessian-vector products; for
+              constrained nodes, projected onto the null space of the active constraint
+              gradients (needs a positive definite reduced Hessian, as at a strict local
+              minimum; falls back to MINRES on negative curvature).
             - ``"minres"``: matrix-free MINRES on the KKT system (any node).
 
             Every dense solve is checked by its residual; samples that fail it, or whose
@@ -70,7 +72,7 @@ class ImplicitBackward:
 
     linear_solver: str = "auto"
     damping: float = 0.0
-    dense_max_size: int = 256
+    dense_max_size: int = 64
     rtol: float | None = None
     maxiter: int | None = None
     rcond: float | None = None
@@ -342,12 +344,12 @@ def _solve_dense(prob: _Problem, H: Tensor, rhs: Tensor, method: str) -> Tensor:
                 return w
         # Not positive definite (or failed the residual check): LU on the KKT matrix.
         bad = ~ok
-        w_lu, ok_lu = _linalg.solve_lu(K[bad], rhs[bad])
+        w_lu, ok_lu = _linalg.solve_lu(K[bad], rhs[bad], cfg.rcond)
         w = _replace(w, bad, w_lu)
         ok = ok.clone()
         ok[bad] = ok_lu
     else:  # "lu"
-        w, ok = _linalg.solve_lu(K, rhs)
+        w, ok = _linalg.solve_lu(K, rhs, cfg.rcond)
     ok = ok & _linalg.residual_ok(K, w, rhs)
     # A failure with a non-singular matrix is a broken LU, not a non-regular point; the
     # pseudo-inverse tells the two apart and warns about singular ones.
@@ -406,17 +408,50 @@ def _solve_matrix_free(prob: _Problem, grad_l: Tensor, v: Tensor, method: str) -
         bottom = (A @ u1.unsqueeze(-1)).squeeze(-1) + dvec * u2
         return torch.cat([top, bottom], 1)
 
-    if method == "cg" and c == 0:
-        w, info = _linalg.conjugate_gradient(hvp, v, rtol, maxiter)
+    if method == "cg":
+        if c == 0:
+            w, info = _linalg.conjugate_gradient(hvp, v, rtol, maxiter)
+        else:
+            w, info = _projected_cg(prob, hvp, v, rtol, maxiter)
         if not bool(info.negative_curvature.any()):
             _report_iterative(prob, "CG", info, rtol)
             return w
-        warn(prob.node, "the Hessian is not positive definite (CG met negative curvature); "
-             "switching to MINRES.", stacklevel=5)
+        warn(prob.node, "the (reduced) Hessian is not positive definite (CG met negative "
+             "curvature); switching to MINRES.", stacklevel=5)
     rhs = torch.cat([v, v.new_zeros(prob.batch, c)], 1)
     w, info = _linalg.minres(kkt if c else hvp, rhs, rtol, maxiter)
     _report_iterative(prob, "MINRES", info, rtol)
     return w
+
+
+def _projected_cg(prob: _Problem, hvp: Any, v: Tensor, rtol: float,
+                  maxiter: int) -> tuple[Tensor, _linalg.IterativeInfo]:
+    """CG on the null space of ``A`` for the KKT system (constrained, matrix-free).
+
+    ``w₁ ∈ null(A)`` solves ``P H w₁ = P v`` with ``P = I − Aᵀ (AAᵀ)⁻¹ A``; then
+    ``w₂ = (AAᵀ)⁻¹ A (v − H w₁)``. Converges where the reduced Hessian is positive
+    definite, i.e. at a strict local minimum (second-order sufficient condition).
+    """
+    A = prob.A.detach()
+    gram = A @ A.transpose(1, 2) + torch.diag_embed((~prob.active).to(prob.dtype))
+    eye = torch.eye(prob.c, dtype=prob.dtype, device=A.device).expand_as(gram)
+    gram_inv, ok = _linalg.solve_cholesky(gram, eye, prob.config.rcond)
+    if not bool(ok.all()):
+        gram_inv, _ = _linalg.solve_symmetric_pinv(gram, eye, prob.config.rcond)
+        warn(prob.node, "the active constraint gradients are linearly dependent (a non-regular "
+             "point, §4.7.3); using their pseudo-inverse.", stacklevel=6)
+
+    def coefficients(u: Tensor) -> Tensor:  # (AAᵀ)⁻¹ A u, (B, c)
+        return (gram_inv @ (A @ u.unsqueeze(-1))).squeeze(-1)
+
+    def project(u: Tensor) -> Tensor:
+        return u - (A.transpose(1, 2) @ coefficients(u).unsqueeze(-1)).squeeze(-1)
+
+    w1, info = _linalg.conjugate_gradient(lambda u: project(hvp(project(u))), project(v),
+                                          rtol, maxiter, scale=v.norm(dim=-1))
+    w1 = project(w1)
+    w2 = coefficients(v - hvp(w1))
+    return torch.cat([w1, w2], 1), info
 
 
 def _report_iterative(prob: _Problem, name: str, info: _linalg.IterativeInfo, rtol: float) -> None:
@@ -431,14 +466,7 @@ def _report_iterative(prob: _Problem, name: str, info: _linalg.IterativeInfo, rt
 def _choose_method(prob: _Problem) -> str:
     method = prob.config.linear_solver
     if method == "auto":
-        if prob.m + prob.c <= prob.config.dense_max_size:
-            return "cholesky"
-        return "cg" if prob.c == 0 else "minres"
-    if method == "cg" and prob.c:
-        raise ValueError(
-            f"{node_name(prob.node)}: linear_solver='cg' needs an unconstrained node; this one "
-            f"has {prob.c} constraints. Use 'minres' (matrix-free) or a dense solver."
-        )
+        return "cholesky" if prob.m + prob.c <= prob.config.dense_max_size else "cg"
     return method
 
 

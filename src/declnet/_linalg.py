@@ -71,19 +71,30 @@ def solve_cholesky(
     return x, ok
 
 
-def solve_lu(matrix: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+def solve_lu(
+    matrix: Tensor, rhs: Tensor, rcond: float | None = None
+) -> tuple[Tensor, Tensor]:
     """Solve general square systems ``matrix @ x = rhs`` by LU with partial pivoting.
 
     Args:
         matrix: ``(B, M, M)``.
         rhs: ``(B, M, K)``.
+        rcond: a sample whose pivots have ``min |U_ii| / max |U_ii| < rcond`` is reported as
+            numerically singular.
 
     Returns:
-        ``(x, ok)`` with ``ok`` False where the matrix is exactly singular or ``x`` is
+        ``(x, ok)`` with ``ok`` False where the matrix is (numerically) singular or ``x`` is
         not finite. The caller must still check the residual.
     """
-    x, info = torch.linalg.solve_ex(matrix, rhs)
-    ok = (info == 0) & torch.isfinite(x).flatten(1).all(-1)
+    rcond = default_rcond(matrix.dtype) if rcond is None else rcond
+    lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+    diag = lu.diagonal(dim1=-2, dim2=-1).abs()
+    ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(matrix.dtype).tiny)
+    ok = (info == 0) & (ratio > rcond)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    lu = torch.where(ok[:, None, None], lu, eye)
+    x = torch.linalg.lu_solve(lu, pivots, rhs)
+    ok = ok & torch.isfinite(x).flatten(1).all(-1)
     return x, ok
 
 
@@ -160,6 +171,7 @@ def conjugate_gradient(
     rhs: Tensor,
     rtol: float,
     maxiter: int,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, IterativeInfo]:
     """Batched conjugate gradients for symmetric positive definite operators.
 
@@ -171,6 +183,8 @@ def conjugate_gradient(
         rhs: ``(B, M)``.
         rtol: stop when ``‖r‖ ≤ rtol ‖b‖`` for every sample.
         maxiter: iteration limit.
+        scale: ``(B,)`` norms that ``rtol`` is relative to (default ``‖b‖``); a projected
+            solve passes the norm of the unprojected right-hand side.
 
     Returns:
         ``(x, info)`` with ``x`` of shape ``(B, M)``.
@@ -179,7 +193,7 @@ def conjugate_gradient(
     r = rhs.clone()
     p = r.clone()
     rr = _bdot(r, r)
-    bnorm = rr.sqrt().squeeze(-1)
+    bnorm = rr.sqrt().squeeze(-1) if scale is None else scale
     target = (rtol * bnorm) ** 2
     active = rr.squeeze(-1) > target
     negative = torch.zeros_like(active)

@@ -12,7 +12,7 @@ from .penalties import (
     as_penalty,
     penalty_names,
 )
-from .robust_pool import RobustPool, robust_pool
+from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
 
 __all__: list[str] = []
 
@@ -23,11 +23,13 @@ __all__ += [
     "PseudoHuber",
     "Quadratic",
     "RobustPool",
+    "RobustVectorPool",
     "TruncatedQuadratic",
     "Welsch",
     "as_penalty",
     "compile_mode",
     "penalty_names",
     "robust_pool",
+    "robust_vector_pool",
     "set_compile_mode",
 ]

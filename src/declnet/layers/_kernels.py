@@ -170,6 +170,36 @@ def window_sums(x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(m, x, 0.0).sum(-1, keepdim=True), m.to(x.dtype).sum(-1, keepdim=True)
 
 
+def truncated_prefix_sums(s: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
+    """Prefix sums of ``d = s − centre`` and ``d²`` in float64; each ``(M, n)``."""
+    d = s.to(torch.float64) - centre.to(torch.float64)
+    return d.cumsum(-1), (d * d).cumsum(-1)
+
+
+def truncated_window_costs(
+    p1: Tensor, p2: Tensor, bounds: Tensor, a2: Tensor, exits: bool
+) -> tuple[Tensor, Tensor]:
+    """Best window cost ``SSE + α² (n − size)`` and its index among n windows; ``(M, 1)`` each.
+
+    ``p1``, ``p2`` are inclusive prefix sums ``(M, n)``; window k is ``[k+1, bounds_k)`` when
+    ``exits`` and ``[bounds_k, k+1)`` otherwise (0-based, end exclusive).
+    """
+    n = p1.shape[-1]
+    k1 = torch.arange(1, n + 1, device=p1.device, dtype=bounds.dtype)
+    zero = torch.zeros((), dtype=p1.dtype, device=p1.device)
+    at1 = torch.where(bounds > 0, p1.gather(1, (bounds - 1).clamp_min(0)), zero)
+    at2 = torch.where(bounds > 0, p2.gather(1, (bounds - 1).clamp_min(0)), zero)
+    if exits:
+        s1, s2, size = at1 - p1, at2 - p2, bounds - k1
+    else:
+        s1, s2, size = p1 - at1, p2 - at2, k1 - bounds
+    size_f = size.to(p1.dtype)
+    cost = (s2 - s1 * s1 / size_f).clamp_min(0) + a2 * (n - size_f)
+    cost = torch.where(size > 0, cost, torch.inf)
+    best, index = cost.min(-1, keepdim=True)
+    return best, index
+
+
 def huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
     """``scale · 1[|y − x_i| ≤ α]``, shape ``(M, n)``."""
     return scale * ((y - x).abs() <= a).to(x.dtype)
@@ -194,6 +224,8 @@ _EAGER: dict[str, Callable[..., object]] = {
         huber_backward_grad,
         window_sums,
         window_grad,
+        truncated_prefix_sums,
+        truncated_window_costs,
     )
 }
 
