@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class _Part:
 
 @dataclass
 class _Box(_Part):
-    half: np.ndarray = None  # (3,) half extents
+    half: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) half extents
 
     def area(self) -> float:
         a, b, c = self.half
@@ -73,7 +73,7 @@ class _Box(_Part):
 
 @dataclass
 class _Ellipsoid(_Part):
-    radii: np.ndarray = None  # (3,)
+    radii: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) semi-axes
 
     def area(self) -> float:
         # Knud Thomsen's approximation (relative error below 1.1%).
