@@ -119,6 +119,14 @@ def test_read_off_accepts_a_header_glued_to_the_counts(tmp_path):
     np.testing.assert_array_equal(t1, t2)
 
 
+def test_read_off_reads_triangle_meshes(tmp_path):
+    path = tmp_path / "tetra.off"
+    path.write_text("OFF\n4 4 6\n0 0 0\n1 0 0\n0 1 0\n0 0 1\n3 0 1 2\n3 0 1 3\n3 0 2 3\n3 1 2 3\n")
+    vertices, triangles = read_off(path)
+    np.testing.assert_array_equal(vertices[3], [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(triangles, [[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]])
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -240,19 +240,22 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: expected {num_vertices} vertices and {num_faces} faces, "
             f"found {len(body)} lines"
         )
+    face_lines = body[num_vertices : num_vertices + num_faces]
     try:
         vertices = np.array([ln.split()[:3] for ln in body[:num_vertices]], dtype=np.float64)
-        faces = [
-            [int(t) for t in ln.split()] for ln in body[num_vertices : num_vertices + num_faces]
-        ]
+        flat = np.array(" ".join(face_lines).split(), dtype=np.int64)
     except ValueError as err:
         raise ValueError(f"{path}: unparsable vertex or face line") from err
-    triangles = []
-    for face in faces:
-        k, idx = face[0], face[1 : 1 + face[0]]
-        if k < 3 or len(idx) != k:
-            raise ValueError(f"{path}: bad face line {face}")
-        triangles.extend((idx[0], idx[j], idx[j + 1]) for j in range(1, k - 1))
+    if flat.size == 4 * num_faces and np.all(flat[::4] == 3):
+        triangles = flat.reshape(num_faces, 4)[:, 1:]  # all triangles (ModelNet): vectorised
+    else:  # polygons: triangulate each as a fan
+        triangles = []
+        for line in face_lines:
+            face = [int(t) for t in line.split()]
+            k, idx = face[0], face[1 : 1 + face[0]]
+            if k < 3 or len(idx) != k:
+                raise ValueError(f"{path}: bad face line {line!r}")
+            triangles.extend((idx[0], idx[j], idx[j + 1]) for j in range(1, k - 1))
     tri = np.array(triangles, dtype=np.int64).reshape(-1, 3)
     if vertices.shape != (num_vertices, 3) or (len(tri) and tri.max() >= num_vertices):
         raise ValueError(f"{path}: faces refer to vertices that do not exist")
