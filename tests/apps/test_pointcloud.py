@@ -357,6 +357,11 @@ def test_sweep_runs_one_model_per_pool_and_rate_or_per_pool_when_trained_clean()
     assert same[1][1].train_outlier_rate == 0.5 and same[1][1].test_outlier_rates == [0.5]
     assert [name for name, _ in clean] == ["max_clean", "welsch_clean"]
     assert clean[0][1].train_outlier_rate == 0.0 and clean[0][1].test_outlier_rates == [0.0, 0.5]
+    from declnet.apps.pointcloud.train import protocol
+
+    assert protocol(same[1][1]) == "same" and protocol(clean[0][1]) == "clean"
+    mixed = dataclasses.replace(base, train_outlier_rate=0.2, test_outlier_rates=[0.0, 0.2])
+    assert protocol(mixed) == "mixed"
 
 
 def test_presets_are_overridden_by_explicit_options():

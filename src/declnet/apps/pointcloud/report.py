@@ -24,6 +24,7 @@ POOL_LABELS: dict[str, str] = {
 PROTOCOL_TITLES = {
     "same": "Same outlier rate in training and testing (Table 3 protocol)",
     "clean": "Trained without outliers, tested with outliers (Table 4 protocol)",
+    "mixed": "Trained with outliers, tested at several outlier rates",
 }
 
 RESULTS_FILE = "results.md"
@@ -116,7 +117,7 @@ def plot(finals: list[dict[str, Any]], metric: str, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    protocols = [p for p in ("same", "clean") if _grid(finals, p)]
+    protocols = [p for p in PROTOCOL_TITLES if _grid(finals, p)]
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols), 3.3), squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         grid = _grid(finals, protocol)
@@ -130,7 +131,8 @@ def plot(finals: list[dict[str, Any]], metric: str, path: str | Path) -> Path:
                     ms=3,
                     label=POOL_LABELS[pool],
                 )
-        ax.set_title("same rate in training" if protocol == "same" else "trained clean", fontsize=9)
+        titles = {"same": "same rate in training", "clean": "trained clean", "mixed": "mixed"}
+        ax.set_title(titles[protocol], fontsize=9)
         ax.set_xlabel("outliers %")
         ax.set_ylabel("top-1 accuracy %" if metric == "top1" else "mAP × 100")
         ax.set_ylim(0, 100)

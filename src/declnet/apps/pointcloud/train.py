@@ -146,6 +146,18 @@ def corrupted(points: torch.Tensor, rate: float, seed: int, split: str) -> torch
     return inject_outliers(points, rate, derive_seed(seed, "outliers", split, f"{rate:.6f}"))
 
 
+def protocol(config: RunConfig) -> str:
+    """The evaluation protocol of a run.
+
+    Returns:
+        "same" (Table 3: tested at the training outlier rate only), "clean" (Table 4: trained
+        without outliers, tested at several rates) or "mixed" (anything else).
+    """
+    if config.test_outlier_rates == [config.train_outlier_rate]:
+        return "same"
+    return "clean" if config.train_outlier_rate == 0.0 else "mixed"
+
+
 # --------------------------------------------------------------------------------------
 # Evaluation
 
@@ -422,8 +434,7 @@ def run_training(
         "pool": config.pool,
         "alpha": config.alpha,
         "train_outlier_rate": config.train_outlier_rate,
-        # Table 3 protocol: the same rate in training and testing; Table 4: trained clean.
-        "protocol": "same" if config.test_outlier_rates == [config.train_outlier_rate] else "clean",
+        "protocol": protocol(config),
         "epochs": config.epochs,
         "device": str(device),
         "world_size": info.world_size,
