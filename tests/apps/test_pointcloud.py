@@ -332,8 +332,9 @@ def _smoke_config(**changes) -> RunConfig:
 
 
 @pytest.mark.slow
-def test_resume_after_interruption_gives_the_same_final_metrics(tmp_path):
-    config = _smoke_config(epochs=3)
+@pytest.mark.parametrize("pool", ["max", "welsch"])
+def test_resume_after_interruption_gives_the_same_final_metrics(tmp_path, pool):
+    config = _smoke_config(epochs=3, pool=pool)
     whole = run_training(config, tmp_path / "whole")
     assert run_training(config, tmp_path / "cut", stop_after_epochs=1) is None
     assert not (tmp_path / "cut" / "final.json").exists()
