@@ -32,7 +32,7 @@ test: install-test lint
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q
 
 demo: install-apps
-	OMP_WAIT_POLICY=PASSIVE $(PYTHON) examples/train_sphere.py
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m declnet.apps.pointcloud sweep --preset demo
 
 bench: install-test
 	for script in benchmarks/*.py; do OMP_WAIT_POLICY=PASSIVE $(PYTHON) $$script || exit 1; done

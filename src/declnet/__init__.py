@@ -6,7 +6,7 @@ implicit differentiation of the optimality conditions rather than from
 back-propagating through the solver.
 """
 
-from . import testing
+from . import layers, testing
 from ._diagnostics import DeclarativeWarning, OptimalityResidual
 from ._function import DeclarativeFunction, declarative
 from ._implicit import ImplicitBackward, UnrolledBackward, implicit_vjp, optimality_residual
@@ -17,13 +17,21 @@ from ._node import (
     LinearEqualityConstrainedNode,
     Solution,
 )
-
-# Lp projections (paper §5.2, Table 2)
-from .layers.projections import (
+from .layers import (
+    Huber,
     LpProjection,
+    Penalty,
+    PseudoHuber,
+    Quadratic,
+    RobustPool,
+    RobustVectorPool,
+    TruncatedQuadratic,
+    Welsch,
     project_onto_ball,
     project_onto_simplex,
     project_onto_sphere,
+    robust_pool,
+    robust_vector_pool,
 )
 
 __version__ = "0.1.0"
@@ -33,23 +41,30 @@ __all__ = [
     "DeclarativeNode",
     "DeclarativeWarning",
     "EqualityConstrainedNode",
+    "Huber",
     "ImplicitBackward",
     "InequalityConstrainedNode",
     "LinearEqualityConstrainedNode",
+    "LpProjection",
     "OptimalityResidual",
+    "Penalty",
+    "PseudoHuber",
+    "Quadratic",
+    "RobustPool",
+    "RobustVectorPool",
     "Solution",
+    "TruncatedQuadratic",
     "UnrolledBackward",
+    "Welsch",
     "__version__",
     "declarative",
     "implicit_vjp",
+    "layers",
     "optimality_residual",
-    "testing",
-]
-
-# Lp projections
-__all__ += [
-    "LpProjection",
     "project_onto_ball",
     "project_onto_simplex",
     "project_onto_sphere",
+    "robust_pool",
+    "robust_vector_pool",
+    "testing",
 ]

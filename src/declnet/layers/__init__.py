@@ -1,17 +1,47 @@
-"""Ready-made declarative layers: functional forms and ``nn.Module`` pairs."""
+"""Ready-made declarative layers: functional forms and ``nn.Module`` pairs.
 
-# Lp projections (paper §5.2, Table 2)
+- Robust pooling (paper §5.1, Table 1): penalty objects and ``robust_pool`` /
+  ``RobustPool``, ``robust_vector_pool`` / ``RobustVectorPool``.
+- Lp projections (paper §5.2, Table 2): ``project_onto_sphere``, ``project_onto_ball``,
+  ``project_onto_simplex`` and ``LpProjection``.
+"""
+
+from ._kernels import compile_mode, set_compile_mode
+from .penalties import (
+    Huber,
+    Penalty,
+    PseudoHuber,
+    Quadratic,
+    TruncatedQuadratic,
+    Welsch,
+    as_penalty,
+    penalty_names,
+)
 from .projections import (
     LpProjection,
     project_onto_ball,
     project_onto_simplex,
     project_onto_sphere,
 )
+from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
 
 __all__ = [
-    # Lp projections
+    "Huber",
     "LpProjection",
+    "Penalty",
+    "PseudoHuber",
+    "Quadratic",
+    "RobustPool",
+    "RobustVectorPool",
+    "TruncatedQuadratic",
+    "Welsch",
+    "as_penalty",
+    "compile_mode",
+    "penalty_names",
     "project_onto_ball",
     "project_onto_simplex",
     "project_onto_sphere",
+    "robust_pool",
+    "robust_vector_pool",
+    "set_compile_mode",
 ]

@@ -1,0 +1,262 @@
+"""Fused per-row reductions used by the robust pooling solvers, compiled when worthwhile.
+
+Every kernel here is a pure function of tensors ``x (M, n)``, ``u (M, 1)`` and ``a`` (a 0-d
+tensor or ``(M, 1)``) that reduces over the last dimension. Written as eager PyTorch each op
+allocates and re-reads an ``(M, n)`` temporary; ``torch.compile`` fuses a kernel into one pass
+over ``x``. The eager and compiled versions compute the same formulas; their sums may differ
+in the last bits because the summation order differs.
+
+Compilation policy (see :func:`set_compile_mode`):
+
+- ``"auto"`` (default; environment variable ``DECLNET_COMPILE``): compile for inputs with at
+  least 2**20 elements, on CPU and CUDA, unless already inside ``torch.compile``;
+- ``"always"`` / ``"never"``.
+
+If compiling fails (no C++ compiler, no Triton, an unsupported platform) declnet warns once
+and uses the eager kernels from then on; compilation is never required.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["compile_mode", "kernel", "set_compile_mode"]
+
+_MODES = ("auto", "always", "never")
+_AUTO_MIN_NUMEL = 1 << 20
+_state: dict[str, object] = {"mode": None, "broken": False}
+_compiled: dict[str, Callable[..., object]] = {}
+
+
+def set_compile_mode(mode: str) -> None:
+    """Choose when robust pooling compiles its fused kernels with ``torch.compile``.
+
+    Args:
+        mode: ``"auto"`` (compile for inputs of at least 2**20 elements), ``"always"`` or
+            ``"never"`` (eager PyTorch only).
+
+    Raises:
+        ValueError: for any other value.
+
+    Example:
+        >>> set_compile_mode("never")   # e.g. in a test suite, to avoid compile time
+    """
+    if mode not in _MODES:
+        raise ValueError(f"compile mode must be one of {_MODES}, got {mode!r}.")
+    _state["mode"] = mode
+
+
+def compile_mode() -> str:
+    """The current compile mode (``"auto"``, ``"always"`` or ``"never"``)."""
+    mode = _state["mode"]
+    if mode is None:
+        env = os.environ.get("DECLNET_COMPILE", "auto").strip().lower()
+        mode = {"0": "never", "off": "never", "1": "always", "on": "always"}.get(env, env)
+        if mode not in _MODES:
+            warnings.warn(
+                f"DECLNET_COMPILE={env!r} is not one of {_MODES} (or 0/1); using 'auto'.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            mode = "auto"
+        _state["mode"] = mode
+    return str(mode)
+
+
+def _want_compiled(x: Tensor) -> bool:
+    if _state["broken"]:
+        return False
+    mode = compile_mode()
+    if mode == "never" or x.device.type not in ("cpu", "cuda"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return mode == "always" or x.numel() >= _AUTO_MIN_NUMEL
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels. t = (u - x) / a throughout.
+
+
+def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ φ'(u − x_i) and Σ φ''(u − x_i) for the pseudo-Huber penalty; each ``(M, 1)``."""
+    z = u - x
+    t = z / a
+    r = torch.rsqrt(1 + t * t)
+    return (z * r).sum(-1, keepdim=True), (r * r * r).sum(-1, keepdim=True)
+
+
+def huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ φ'(u − x_i) and the number of strict inliers ``|u − x_i| < α``; each ``(M, 1)``."""
+    z = u - x
+    g = torch.minimum(torch.maximum(z, -a), a).sum(-1, keepdim=True)
+    h = (z.abs() < a).to(x.dtype).sum(-1, keepdim=True)
+    return g, h
+
+
+def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``e_i = exp(−t_i²/2)``: Σ t_i e_i, Σ (1 − t_i²) e_i and Σ e_i; each ``(M, 1)``.
+
+    These are ``α Σφ'``, ``α² Σφ''`` and ``α² Σ weight`` (so ``n − Σ e_i`` is the objective).
+    """
+    t = (u - x) / a
+    e = torch.exp(-0.5 * t * t)
+    return (
+        (t * e).sum(-1, keepdim=True),
+        ((1 - t * t) * e).sum(-1, keepdim=True),
+        e.sum(-1, keepdim=True),
+    )
+
+
+def pseudo_huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ w_i and Σ t_i³ w_i with ``w_i = (1 + t_i²)^(-3/2)``; each ``(M, 1)``."""
+    t = (y - x) / a
+    r = torch.rsqrt(1 + t * t)
+    w = r * r * r
+    return w.sum(-1, keepdim=True), (t * t * t * w).sum(-1, keepdim=True)
+
+
+def pseudo_huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
+    """``scale · (1 + t_i²)^(-3/2)``, shape ``(M, n)``."""
+    t = (y - x) / a
+    r = torch.rsqrt(1 + t * t)
+    return scale * (r * r * r)
+
+
+def welsch_backward_sums(
+    x: Tensor, y: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """With ``e_i = exp(−t_i²/2)``: Σ(1−t²)e, Σ|1−t²|e, Σ e, Σ t(t²−2)e, Σ t³e; each (M, 1)."""
+    t = (y - x) / a
+    t2 = t * t
+    e = torch.exp(-0.5 * t2)
+    c = (1 - t2) * e
+    return (
+        c.sum(-1, keepdim=True),
+        c.abs().sum(-1, keepdim=True),
+        e.sum(-1, keepdim=True),
+        (t * (t2 - 2) * e).sum(-1, keepdim=True),
+        (t * t2 * e).sum(-1, keepdim=True),
+    )
+
+
+def welsch_backward_grad(
+    x: Tensor, y: Tensor, a: Tensor, scale_newton: Tensor, scale_shift: Tensor
+) -> Tensor:
+    """``scale_newton · (1 − t²) e + scale_shift · e``, shape ``(M, n)``."""
+    t = (y - x) / a
+    t2 = t * t
+    e = torch.exp(-0.5 * t2)
+    return (scale_newton * (1 - t2) + scale_shift) * e
+
+
+def huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Number of inliers ``|y − x_i| ≤ α`` and Σ sign(y − x_i) over outliers; each ``(M, 1)``."""
+    z = y - x
+    az = z.abs()
+    cnt = (az <= a).to(x.dtype).sum(-1, keepdim=True)
+    sgn = (torch.sign(z) * (az > a).to(x.dtype)).sum(-1, keepdim=True)
+    return cnt, sgn
+
+
+def window_sums(x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ x_i and the count over ``lo ≤ x_i ≤ hi``; each ``(M, 1)``."""
+    m = (x >= lo) & (x <= hi)
+    return torch.where(m, x, 0.0).sum(-1, keepdim=True), m.to(x.dtype).sum(-1, keepdim=True)
+
+
+def truncated_prefix_sums(s: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
+    """Prefix sums of ``d = s − centre`` and ``d²`` in float64; each ``(M, n)``."""
+    d = s.to(torch.float64) - centre.to(torch.float64)
+    return d.cumsum(-1), (d * d).cumsum(-1)
+
+
+def truncated_window_costs(
+    p1: Tensor, p2: Tensor, bounds: Tensor, a2: Tensor, exits: bool
+) -> tuple[Tensor, Tensor]:
+    """Best window cost ``SSE + α² (n − size)`` and its index among n windows; ``(M, 1)`` each.
+
+    ``p1``, ``p2`` are inclusive prefix sums ``(M, n)``; window k is ``[k+1, bounds_k)`` when
+    ``exits`` and ``[bounds_k, k+1)`` otherwise (0-based, end exclusive).
+    """
+    n = p1.shape[-1]
+    k1 = torch.arange(1, n + 1, device=p1.device, dtype=bounds.dtype)
+    zero = torch.zeros((), dtype=p1.dtype, device=p1.device)
+    at1 = torch.where(bounds > 0, p1.gather(1, (bounds - 1).clamp_min(0)), zero)
+    at2 = torch.where(bounds > 0, p2.gather(1, (bounds - 1).clamp_min(0)), zero)
+    if exits:
+        s1, s2, size = at1 - p1, at2 - p2, bounds - k1
+    else:
+        s1, s2, size = p1 - at1, p2 - at2, k1 - bounds
+    size_f = size.to(p1.dtype)
+    cost = (s2 - s1 * s1 / size_f).clamp_min(0) + a2 * (n - size_f)
+    cost = torch.where(size > 0, cost, torch.inf)
+    best, index = cost.min(-1, keepdim=True)
+    return best, index
+
+
+def huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
+    """``scale · 1[|y − x_i| ≤ α]``, shape ``(M, n)``."""
+    return scale * ((y - x).abs() <= a).to(x.dtype)
+
+
+def window_grad(x: Tensor, lo: Tensor, hi: Tensor, scale: Tensor) -> Tensor:
+    """``scale · 1[lo ≤ x_i ≤ hi]``, shape ``(M, n)``."""
+    return scale * ((x >= lo) & (x <= hi)).to(x.dtype)
+
+
+_EAGER: dict[str, Callable[..., object]] = {
+    f.__name__: f
+    for f in (
+        pseudo_huber_sums,
+        huber_sums,
+        welsch_sums,
+        pseudo_huber_backward_sums,
+        pseudo_huber_backward_grad,
+        welsch_backward_sums,
+        welsch_backward_grad,
+        huber_backward_sums,
+        huber_backward_grad,
+        window_sums,
+        window_grad,
+        truncated_prefix_sums,
+        truncated_window_costs,
+    )
+}
+
+
+def kernel(name: str, x: Tensor) -> Callable[..., object]:
+    """The kernel ``name`` for input ``x``: compiled (with an eager fallback) or eager."""
+    eager = _EAGER[name]
+    if not _want_compiled(x):
+        return eager
+    compiled = _compiled.get(name)
+    if compiled is None:
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+        _compiled[name] = compiled
+
+    def run(*args: Tensor) -> object:
+        if _state["broken"]:
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except Exception as err:  # compilation failures come in many types; see below
+            # torch.compile raises backend-specific errors (missing compiler, Triton, ...).
+            # The eager kernel computes the same formula, so fall back to it for good.
+            _state["broken"] = True
+            warnings.warn(
+                f"declnet: compiling the robust pooling kernel {name!r} failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "using eager PyTorch from now on (same results, slower). "
+                "Call declnet.layers.set_compile_mode('never') to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return eager(*args)
+
+    return run

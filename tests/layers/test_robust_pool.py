@@ -1,0 +1,423 @@
+"""Robust pooling: forward optimality, closed-form backward, batching, dims, edge cases."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from declnet.layers import (
+    Huber,
+    PseudoHuber,
+    Quadratic,
+    RobustPool,
+    TruncatedQuadratic,
+    Welsch,
+    as_penalty,
+    robust_pool,
+)
+
+F64 = torch.float64
+B, C, N = 2, 3, 5
+ROBUST = ["pseudo_huber", "huber", "welsch", "truncated_quadratic"]
+ALL = ["quadratic", *ROBUST]
+
+
+def rand(*shape, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+def make(name, alpha=0.8):
+    return Quadratic() if name == "quadratic" else as_penalty(name).__class__(alpha)
+
+
+def objective(pen, x, u):
+    """f(x, u) = Σ_i φ(u − x_i), for u of shape (..., G) against x of shape (..., n)."""
+    return pen.phi(u.unsqueeze(-1) - x.unsqueeze(-2)).sum(-1)
+
+
+def grid_minimum(pen, x, points=801):
+    """Dense float64 grid over [min x − α, max x + α], refined around the best point."""
+    lo, hi = x.amin(-1, keepdim=True) - 1, x.amax(-1, keepdim=True) + 1
+    grid = lo + (hi - lo) * torch.linspace(0, 1, points, dtype=F64)
+    f = objective(pen, x, grid)
+    best = grid.gather(-1, f.argmin(-1, keepdim=True))
+    step = (hi - lo) / (points - 1)
+    fine = best + step * torch.linspace(-1, 1, 401, dtype=F64)
+    return torch.minimum(f.amin(-1), objective(pen, x, fine).amin(-1))
+
+
+def brute_force_truncated(x, alpha):
+    """Global minimum of the truncated quadratic: min over all contiguous windows of the sorted
+    data of the objective evaluated at the window mean (O(n^3), for tests only)."""
+    s = x.sort(-1).values
+    n = s.shape[-1]
+    pen = TruncatedQuadratic(alpha)
+    means = [s[..., i:j].mean(-1) for i in range(n) for j in range(i + 1, n + 1)]
+    cand = torch.stack(means, -1)
+    f = objective(pen, x, cand)
+    return f.amin(-1), cand.gather(-1, f.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradcheck(name):
+    x = rand(B, C, N, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: robust_pool(t, make(name)), (x,))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_closed_form_matches_table_1(name):
+    pen = make(name)
+    x = rand(B, C, N, seed=2).requires_grad_()
+    y = robust_pool(x, pen)
+    v = rand(B, C, seed=3)
+    (g,) = torch.autograd.grad(y, x, v)
+    w = pen.d2phi(y.detach().unsqueeze(-1) - x.detach())
+    expected = v.unsqueeze(-1) * w / w.sum(-1, keepdim=True)
+    torch.testing.assert_close(g, expected)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "welsch"])
+def test_closed_form_matches_unrolled_newton(name):
+    """Back-propagating through 40 plain Newton steps started at the solution's basin gives
+    the same gradient as the closed form."""
+    pen = make(name, 1.3)
+    x = rand(B, C, N, seed=4).requires_grad_()
+    y = robust_pool(x, pen)
+    u = y.detach().unsqueeze(-1) + 0.01
+    for _ in range(40):
+        z = u - x
+        u = u - pen.dphi(z).sum(-1, keepdim=True) / pen.d2phi(z).sum(-1, keepdim=True)
+    v = rand(B, C, seed=5)
+    (g_unrolled,) = torch.autograd.grad(u.squeeze(-1), x, v)
+    (g,) = torch.autograd.grad(y, x, v)
+    torch.testing.assert_close(u.squeeze(-1).detach(), y.detach())
+    torch.testing.assert_close(g, g_unrolled)
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_learnable_alpha_against_finite_differences(name):
+    x = rand(B, C, N, seed=6)
+    alpha = torch.tensor(0.9, dtype=F64, requires_grad=True)
+
+    def f(a):
+        return robust_pool(x, as_penalty(name).__class__(a))
+
+    if name == "truncated_quadratic":
+        (g,) = torch.autograd.grad(f(alpha).sum(), alpha)
+        h = 1e-6
+        fd = (f(alpha.detach() + h) - f(alpha.detach() - h)).sum() / (2 * h)
+        assert g.item() == 0 and fd.item() == 0
+    else:
+        assert torch.autograd.gradcheck(f, (alpha,))
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+def test_per_channel_alpha_gradcheck(name):
+    x = rand(B, C, N, seed=7).requires_grad_()
+    alpha = 0.6 + torch.rand(C, dtype=F64, generator=torch.Generator().manual_seed(8))
+    alpha.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t, a: robust_pool(t, as_penalty(name).__class__(a)), (x, alpha)
+    )
+
+
+def test_double_backward_is_refused():
+    x = rand(B, C, N).requires_grad_()
+    y = robust_pool(x, "welsch")
+    v = torch.ones(B, C, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(y, x, v, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
+# ---------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_is_optimal_against_dense_grid(name):
+    pen = make(name, 0.7)
+    x = rand(4, 7, seed=9) * 2
+    y = robust_pool(x, pen)
+    f_y = objective(pen, x, y.unsqueeze(-1)).squeeze(-1)
+    assert (f_y <= grid_minimum(pen, x) + 1e-9).all()
+    if pen.is_convex:
+        g = pen.dphi(y.unsqueeze(-1) - x).sum(-1)
+        assert g.abs().max() < 1e-10
+
+
+def test_truncated_quadratic_equals_brute_force():
+    gen = torch.Generator().manual_seed(10)
+    data = [
+        torch.randn(300, 9, generator=gen, dtype=F64) * 2,
+        torch.randint(0, 6, (300, 8), generator=gen).to(F64),  # many ties, breakpoints tie
+        torch.cat(
+            [
+                torch.randn(300, 5, generator=gen, dtype=F64),
+                4 + torch.randn(300, 4, generator=gen, dtype=F64),
+            ],
+            -1,
+        ),
+    ]
+    for x in data:
+        for alpha in (0.5, 1.0, 1.7):
+            y = robust_pool(x, TruncatedQuadratic(alpha))
+            f_y = objective(TruncatedQuadratic(alpha), x, y.unsqueeze(-1)).squeeze(-1)
+            f_star, _ = brute_force_truncated(x, alpha)
+            torch.testing.assert_close(f_y, f_star, rtol=0, atol=1e-12)
+
+
+def test_truncated_quadratic_unique_minimiser_is_exact():
+    x = torch.tensor([[0.0, 0.1, 0.2, 5.0, 9.0], [1.0, 1.0, 1.0, 1.0, 1.0]], dtype=F64)
+    y = robust_pool(x, TruncatedQuadratic(1.0))
+    torch.testing.assert_close(y, torch.tensor([0.1, 1.0], dtype=F64))
+
+
+def test_welsch_reaches_global_minimum_on_clustered_data():
+    gen = torch.Generator().manual_seed(11)
+    inliers = torch.randn(200, 12, generator=gen, dtype=F64) * 0.3
+    outliers = 3 + 4 * torch.rand(200, 5, generator=gen, dtype=F64)
+    x = torch.cat([outliers, inliers], -1)
+    pen = Welsch(0.5)
+    y = robust_pool(x, pen)
+    f_y = objective(pen, x, y.unsqueeze(-1)).squeeze(-1)
+    assert (f_y <= grid_minimum(pen, x) + 1e-9).all()
+    z = y.unsqueeze(-1) - x
+    assert pen.dphi(z).sum(-1).abs().max() < 1e-10
+    assert (pen.d2phi(z).sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_float32_matches_float64(name):
+    x = rand(B, C, 50, seed=12)
+    y64 = robust_pool(x, make(name))
+    y32 = robust_pool(x.float(), make(name))
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-5, atol=1e-5)
+
+
+def test_half_input_keeps_dtype():
+    x = rand(B, C, N).half()
+    y = robust_pool(x, "pseudo_huber")
+    assert y.dtype == torch.float16 and y.shape == (B, C)
+
+
+# ---------------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batched_equals_per_sample(name):
+    pen = make(name)
+    x = rand(B, C, N, seed=13)
+    y = robust_pool(x, pen)
+    rows = torch.stack(
+        [torch.stack([robust_pool(x[b, c], pen) for c in range(C)]) for b in range(B)]
+    )
+    torch.testing.assert_close(y, rows, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "truncated_quadratic"])
+def test_dim_tuples_and_keepdim(name):
+    pen = make(name)
+    x = rand(B, C, 4, N, seed=14)
+    y = robust_pool(x, pen, dim=(-2, -1))
+    torch.testing.assert_close(y, robust_pool(x.reshape(B, C, 4 * N), pen))
+    y0 = robust_pool(x, pen, dim=(0, 2), keepdim=True)
+    assert y0.shape == (1, C, 1, N)
+    ref = robust_pool(x.permute(1, 3, 0, 2).reshape(C, N, B * 4), pen)
+    torch.testing.assert_close(y0.reshape(C, N), ref)
+    y1 = robust_pool(x, pen, dim=1)
+    torch.testing.assert_close(y1, robust_pool(x.movedim(1, -1), pen))
+
+
+def test_gradient_through_a_non_last_dim():
+    x = rand(C, N, B, seed=15).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: robust_pool(t, "welsch", dim=1), (x,))
+
+
+def test_module_form():
+    alpha = torch.nn.Parameter(torch.tensor(0.8, dtype=F64))
+    pool = RobustPool(PseudoHuber(alpha), dim=-1)
+    assert list(pool.parameters()) == [alpha]
+    x = rand(B, C, N)
+    y = pool(x)
+    torch.testing.assert_close(y, robust_pool(x, PseudoHuber(0.8)))
+    y.sum().backward()
+    assert alpha.grad is not None and torch.isfinite(alpha.grad)
+    assert "dim=-1" in repr(pool)
+    assert RobustPool("huber", dim=(1, 2))(x).shape == (B,)
+
+
+# ---------------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_all_equal_inputs(name):
+    x = torch.full((B, C, N), 2.5, dtype=F64, requires_grad=True)
+    y = robust_pool(x, make(name))
+    torch.testing.assert_close(y.detach(), torch.full((B, C), 2.5, dtype=F64))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((B, C, N), 1 / N, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_single_element(name):
+    x = rand(B, C, 1).requires_grad_()
+    y = robust_pool(x, make(name))
+    torch.testing.assert_close(y.detach(), x.detach().squeeze(-1))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_ties_share_the_gradient(name):
+    x = torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.2]], dtype=F64, requires_grad=True)
+    y = robust_pool(x, make(name))
+    y.sum().backward()
+    assert x.grad[0, 0] == x.grad[0, 1] and x.grad[0, 2] == x.grad[0, 3]
+    torch.testing.assert_close(x.grad.sum(), torch.tensor(1.0, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_huge_outlier_is_ignored(name):
+    x = torch.tensor([[0.0, 0.2, -0.1, 0.1, 1e6]], dtype=F64, requires_grad=True)
+    y = robust_pool(x, make(name, 0.5))
+    assert abs(y.item() - 0.05) < 0.2
+    y.sum().backward()
+    assert x.grad[0, -1].abs() < 1e-5
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ROBUST)
+@pytest.mark.parametrize("scale", [1e-100, 1e100])
+def test_scale_equivariance_tiny_and_huge(name, scale):
+    x = rand(B, C, N, seed=16)
+    y = robust_pool(x, make(name, 0.8))
+    xs = (x * scale).requires_grad_()
+    ys = robust_pool(xs, as_penalty(name).__class__(0.8 * scale))
+    torch.testing.assert_close(ys.detach() / scale, y, rtol=1e-10, atol=1e-12)
+    ys.sum().backward()
+    xr = x.clone().requires_grad_()
+    robust_pool(xr, make(name, 0.8)).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_weights_far_from_every_point_do_not_underflow(name):
+    # alpha tiny against the spacing: exp(-(y - x)^2 / 2 alpha^2) underflows for all but
+    # the nearest point, or for all points for the pseudo-Huber rescaling path.
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.5, 10.0]], dtype=F64, requires_grad=True)
+    y = robust_pool(x, make(name, 1e-3))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.sum(), torch.tensor(1.0, dtype=F64))
+
+
+def test_pseudo_huber_rescaled_weights_when_all_underflow():
+    x = torch.tensor([[0.0, 1.0]], dtype=torch.float32, requires_grad=True)
+    y = robust_pool(x, PseudoHuber(1e-30))
+    assert abs(y.item() - 0.5) < 1e-6
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.5]]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nan_confined_to_its_output(name):
+    x = rand(B, C, N, seed=17)
+    clean = robust_pool(x, make(name))
+    x_bad = x.clone()
+    x_bad[1, 2, 3] = math.nan
+    x_bad[0, 1, 0] = math.inf
+    x_bad.requires_grad_()
+    y = robust_pool(x_bad, make(name))
+    mask = torch.ones(B, C, dtype=torch.bool)
+    mask[1, 2] = mask[0, 1] = False
+    assert torch.isnan(y[1, 2])
+    if name != "quadratic":
+        assert torch.isnan(y[0, 1])
+    torch.testing.assert_close(y[mask], clean[mask])
+    y.sum().backward()
+    assert torch.isfinite(x_bad.grad[mask]).all()
+
+
+def test_huber_interval_of_minimisers_returns_midpoint():
+    x = torch.tensor([[-2.0, 2.0], [-3.0, 1.5]], dtype=F64, requires_grad=True)
+    y = robust_pool(x, Huber(1.0))
+    torch.testing.assert_close(y.detach(), torch.tensor([0.0, -0.75], dtype=F64))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((2, 2), 0.5, dtype=F64))
+    x4 = torch.tensor([[-5.0, -4.0, 4.0, 6.0]], dtype=F64)
+    y4 = robust_pool(x4, Huber(1.0))
+    g = Huber(1.0).dphi(y4.unsqueeze(-1) - x4).sum()
+    assert g.abs() < 1e-12 and y4.item() == 0.0
+
+
+def test_welsch_degenerate_curvature_uses_mean_shift_derivative():
+    # x = (-α, α): y = 0 is a minimum where Σφ'' = 0 exactly.
+    x = torch.tensor([[-1.0, 1.0, 0.3, 0.5]], dtype=F64)[:, :2].clone().requires_grad_()
+    y = robust_pool(x, Welsch(1.0))
+    assert y.item() == 0.0
+    with pytest.warns(RuntimeWarning, match="mean-shift"):
+        y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.5]], dtype=F64))
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_say_what_came_and_what_is_allowed():
+    x = rand(B, C, N)
+    with pytest.raises(ValueError, match=r"dim=3 is out of range.*-3\.\.2"):
+        robust_pool(x, "huber", dim=3)
+    with pytest.raises(ValueError, match="same dimension twice"):
+        robust_pool(x, "huber", dim=(2, -1))
+    with pytest.raises(ValueError, match="pooled set is empty"):
+        robust_pool(torch.zeros(2, 0), "huber")
+    with pytest.raises(ValueError, match="unknown penalty 'median'"):
+        robust_pool(x, "median")
+    with pytest.raises(ValueError, match="positive finite number, got 0"):
+        robust_pool(x, Welsch(0))
+    with pytest.raises(TypeError, match="floating-point"):
+        robust_pool(torch.ones(2, 3, dtype=torch.int64), "huber")
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        robust_pool([1.0, 2.0], "huber")
+    with pytest.raises(ValueError, match="does not broadcast"):
+        robust_pool(x, Welsch(torch.ones(4, dtype=F64)))
+    alpha = torch.nn.Parameter(torch.tensor(1.0, dtype=F64))
+    pen = Welsch(alpha)
+    with torch.no_grad():
+        alpha.fill_(-1.0)
+    with pytest.raises(ValueError, match="positive and finite"):
+        robust_pool(x, pen)
+
+
+def test_empty_batch_is_fine():
+    y = robust_pool(torch.zeros(0, 4, dtype=F64), "welsch")
+    assert y.shape == (0,)
+
+
+def test_no_warnings_in_the_regular_case():
+    x = rand(B, C, N).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ALL:
+            robust_pool(x, make(name)).sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ROBUST)
+def test_cuda_matches_cpu(name):
+    x = rand(B, C, 64, seed=18)
+    xc = x.cuda().requires_grad_()
+    y = robust_pool(xc, make(name))
+    torch.testing.assert_close(y.cpu(), robust_pool(x, make(name)))
+    y.sum().backward()
+    xr = x.clone().requires_grad_()
+    robust_pool(xr, make(name)).sum().backward()
+    torch.testing.assert_close(xc.grad.cpu(), xr.grad)

@@ -1,0 +1,113 @@
+"""Robust vector pooling: y ∈ R^C minimising Σ_i φ(‖y − x_i‖; α)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from declnet.layers import (
+    PseudoHuber,
+    RobustVectorPool,
+    Welsch,
+    as_penalty,
+    robust_pool,
+    robust_vector_pool,
+)
+
+F64 = torch.float64
+B, C, N = 2, 3, 5
+ALL = ["quadratic", "pseudo_huber", "huber", "welsch", "truncated_quadratic"]
+
+
+def rand(*shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=F64)
+
+
+def make(name, alpha=1.2):
+    return as_penalty(name) if name == "quadratic" else as_penalty(name).__class__(alpha)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradcheck(name):
+    x = rand(B, C, N, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: robust_vector_pool(t, make(name)), (x,))
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+def test_alpha_gradcheck(name):
+    x = rand(B, C, N, seed=2)
+    alpha = torch.tensor([1.1, 1.4], dtype=F64, requires_grad=True)  # one per sample
+    assert torch.autograd.gradcheck(
+        lambda a: robust_vector_pool(x, as_penalty(name).__class__(a)), (alpha,)
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stationary_and_not_worse_than_perturbations(name):
+    pen = make(name)
+    x = rand(B, C, N, seed=3)
+    y = robust_vector_pool(x, pen)
+    pts = x.transpose(1, 2)  # (B, N, C)
+
+    def f(u):
+        return pen.phi(torch.linalg.vector_norm(u.unsqueeze(1) - pts, dim=-1)).sum(-1)
+
+    if name != "truncated_quadratic":
+        d = y.unsqueeze(1) - pts
+        r = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
+        grad = (pen.weight(r) * d).sum(1)
+        assert grad.abs().max() < 1e-9
+    for seed in range(5):
+        assert (f(y) <= f(y + 1e-3 * rand(B, C, seed=10 + seed)) + 1e-12).all()
+
+
+def test_quadratic_is_the_mean_and_one_dimension_matches_scalar_pooling():
+    x = rand(B, C, N, seed=4)
+    torch.testing.assert_close(robust_vector_pool(x, "quadratic"), x.mean(-1))
+    x1 = rand(B, 1, N, seed=5)
+    for name in ("pseudo_huber", "huber", "welsch"):
+        y = robust_vector_pool(x1, make(name)).squeeze(1)
+        torch.testing.assert_close(y, robust_pool(x1.squeeze(1), make(name)))
+
+
+def test_layout_dims_and_vector_dim():
+    x = rand(B, C, 2, 3, seed=6)  # (B, C, H, W)
+    pen = PseudoHuber(0.9)
+    y = robust_vector_pool(x, pen, dim=(-2, -1))
+    assert y.shape == (B, C)
+    torch.testing.assert_close(y, robust_vector_pool(x.reshape(B, C, 6), pen))
+    xt = x.reshape(B, C, 6).transpose(1, 2)  # (B, N, C)
+    torch.testing.assert_close(robust_vector_pool(xt, pen, dim=1, vector_dim=-1), y)
+    assert robust_vector_pool(x, pen, dim=(-2, -1), keepdim=True).shape == (B, C, 1, 1)
+    per_sample = torch.stack(
+        [robust_vector_pool(x[b : b + 1], pen, dim=(-2, -1))[0] for b in range(B)]
+    )
+    torch.testing.assert_close(y, per_sample)
+
+
+def test_module_and_learnable_alpha():
+    alpha = torch.nn.Parameter(torch.tensor(0.8, dtype=F64))
+    pool = RobustVectorPool(Welsch(alpha))
+    assert list(pool.parameters()) == [alpha]
+    pool(rand(B, C, N)).sum().backward()
+    assert alpha.grad is not None and torch.isfinite(alpha.grad)
+    assert "vector_dim=1" in repr(pool)
+
+
+def test_nan_confined_and_errors():
+    x = rand(B, C, N, seed=7)
+    x[1, 0, 2] = math.nan
+    x.requires_grad_()
+    y = robust_vector_pool(x, "pseudo_huber")
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
+    y[0].sum().backward()
+    assert torch.isfinite(x.grad[0]).all()
+    with pytest.raises(ValueError, match="vector_dim=1 is also a pooled dim"):
+        robust_vector_pool(rand(B, C, N), "huber", dim=1)
+    with pytest.raises(ValueError, match=r"vector_dim=5 is out of range"):
+        robust_vector_pool(rand(B, C, N), "huber", vector_dim=5)
+    with pytest.raises(ValueError, match="pooled set is empty"):
+        robust_vector_pool(torch.zeros(B, C, 0), "huber")
