@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from declnet.apps._metrics import average_precision
 from declnet.apps.pointcloud import (
     SYNTHETIC_CLASSES,
     PointNet,
@@ -34,7 +35,6 @@ from declnet.apps.pointcloud.data import (
     load_modelnet40_off,
     read_off,
 )
-from declnet.apps.pointcloud.metrics import average_precision
 from declnet.apps.pointcloud.outliers import num_outliers
 
 h5py = pytest.importorskip("h5py")

@@ -11,6 +11,7 @@ Example:
     >>> results = sweep(preset_config("smoke"), ["none", "l2_ball"], "runs/smoke")  # doctest: +SKIP
 """
 
+from .._metrics import average_precision, mean_average_precision, topk_accuracy
 from ._config import PRESETS, ImageConfig, preset_config
 from ._data import (
     DATASETS,
@@ -25,7 +26,6 @@ from ._data import (
     load_image_folders,
     read_idx,
 )
-from ._metrics import average_precision, mean_average_precision, topk_accuracy
 from ._model import (
     PROJECTIONS,
     BasicBlock,

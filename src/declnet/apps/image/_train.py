@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._metrics import mean_average_precision, topk_accuracy
 from ._config import ImageConfig
 from ._data import DatasetInfo, load_dataset
-from ._metrics import mean_average_precision, topk_accuracy
 from ._model import ResNet, default_radius, resnet18
 
 __all__ = ["Distributed", "build_model", "distributed_context", "evaluate", "train"]

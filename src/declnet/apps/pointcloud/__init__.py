@@ -6,9 +6,9 @@ of the points are replaced by outliers. Run it with ``python -m declnet.apps.poi
 ``--help`` lists the sub-commands (train, sweep, report, export).
 """
 
+from .._metrics import mean_average_precision, top1_accuracy
 from .config import PRESETS, RunConfig, SweepConfig
 from .data import PointCloudSet, load_dataset
-from .metrics import mean_average_precision, top1_accuracy
 from .model import POOLS, PointNet
 from .outliers import inject_outliers
 from .report import write_report

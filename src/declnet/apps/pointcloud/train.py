@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._metrics import mean_average_precision, top1_accuracy
 from .config import RunConfig
 from .data import PointCloudSet, load_dataset
-from .metrics import mean_average_precision, top1_accuracy
 from .model import PointNet
 from .outliers import inject_outliers
 

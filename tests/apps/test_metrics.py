@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from declnet.apps.image import average_precision, mean_average_precision, topk_accuracy
+from declnet.apps._metrics import average_precision, mean_average_precision, topk_accuracy
 
 
 def test_topk_accuracy_by_hand():

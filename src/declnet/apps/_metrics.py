@@ -1,10 +1,10 @@
-"""Classification metrics of Table 6: top-k accuracy and mean average precision."""
+"""Classification metrics shared by the experiments: top-k accuracy and mean average precision."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["average_precision", "mean_average_precision", "topk_accuracy"]
+__all__ = ["average_precision", "mean_average_precision", "top1_accuracy", "topk_accuracy"]
 
 
 def _check_scores(scores: torch.Tensor, targets: torch.Tensor) -> None:
@@ -57,6 +57,22 @@ def topk_accuracy(
     ranked = scores.topk(largest, dim=1).indices  # (N, largest)
     hits = ranked == targets.unsqueeze(1)  # (N, largest)
     return {k: float(hits[:, : min(k, largest)].any(dim=1).float().mean()) for k in ks}
+
+
+def top1_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of samples whose highest score is the true class.
+
+    Args:
+        scores: Class scores ``(N, K)`` (logits or probabilities).
+        targets: True classes ``(N,)``, integers in ``[0, K)``.
+
+    Returns:
+        Accuracy in ``[0, 1]``.
+
+    Raises:
+        ValueError: As :func:`topk_accuracy`.
+    """
+    return topk_accuracy(scores, targets, ks=(1,))[1]
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
