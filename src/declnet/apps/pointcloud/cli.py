@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._common import add_device_arguments
 from .config import PRESETS, RunConfig, SweepConfig, apply_preset
 from .data import load_dataset
 from .model import POOLS
@@ -54,8 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="initial learning rate (default 0.01)")
     g.add_argument("--momentum", type=float)
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:I (default auto)")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
+    add_device_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -194,8 +194,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     # sweep
+    from .._common import distributed_info
     from .sweep import run_sweep
-    from .train import distributed_info
 
     sweep = SweepConfig(
         base=_run_config(options),

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._common import distributed_info
 from .config import SweepConfig
-from .train import CHECKPOINT_FILE, FINAL_FILE, distributed_info, load_data, run_training
+from .train import CHECKPOINT_FILE, FINAL_FILE, load_data, run_training
 
 __all__ = ["run_sweep"]
 

@@ -14,15 +14,11 @@ same trajectory as one that was never interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import statistics
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._common import (
+    DistributedInfo,
+    append_jsonl,
+    barrier,
+    config_differences,
+    configure_threads,
+    distributed_info,
+    init_process_group,
+    load_checkpoint,
+    progress_bar,
+    read_jsonl,
+    resolve_device,
+    save_atomic,
+    sum_over_processes,
+    synced_clock,
+    trim_jsonl,
+    wrap_ddp,
+    write_json_atomic,
+)
 from .._metrics import mean_average_precision, top1_accuracy
 from .config import RunConfig
 from .data import PointCloudSet, load_dataset
@@ -48,79 +63,6 @@ def derive_seed(seed: int, *parts: Any) -> int:
     """A 63-bit seed derived from ``seed`` and a tag (e.g. ("shuffle", epoch))."""
     text = "/".join(str(p) for p in (seed, *parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-# --------------------------------------------------------------------------------------
-# Distributed (torchrun) support
-
-
-@dataclass(frozen=True)
-class DistributedInfo:
-    """Rank and world size of this process (1 process without torchrun).
-
-    Attributes:
-        rank: Global rank.
-        world_size: Number of processes.
-        local_rank: Rank on this machine (selects the GPU).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes files and shows progress."""
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        """Whether more than one process takes part."""
-        return self.world_size > 1
-
-
-def distributed_info() -> DistributedInfo:
-    """Read rank and world size from the environment that ``torchrun`` sets."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistributedInfo()
-    return DistributedInfo(
-        int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-    )
-
-
-def init_distributed(device: torch.device) -> DistributedInfo:
-    """Join the process group under ``torchrun`` (NCCL on CUDA, Gloo on CPU); no-op otherwise."""
-    info = distributed_info()
-    if info.enabled and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return info
-
-
-def resolve_device(name: str, info: DistributedInfo) -> torch.device:
-    """The device of this process: "auto" picks CUDA when available; under torchrun each
-    process takes GPU ``LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank if info.enabled else 0)
-        torch.cuda.set_device(device)
-    return device
-
-
-def _barrier(info: DistributedInfo) -> None:
-    if info.enabled:
-        torch.distributed.barrier()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -200,24 +142,6 @@ def evaluate(
 # Training
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover - tqdm comes with the [apps] extra
-            return contextlib.nullcontext(_NoBar())
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
-    return contextlib.nullcontext(_NoBar())
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-
 def _batches(
     n: int, batch_size: int, seed: int, epoch: int, info: DistributedInfo
 ) -> Iterator[torch.Tensor]:
@@ -229,18 +153,6 @@ def _batches(
     mine = order[info.rank * per_process : (info.rank + 1) * per_process]
     for start in range(0, per_process - batch_size + 1, batch_size):
         yield mine[start : start + batch_size]
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_training(
@@ -276,35 +188,27 @@ def run_training(
     name = name or run_dir.name
     info = distributed_info()
     device = resolve_device(config.device, info)
-    info = init_distributed(device)
-    cores = os.cpu_count() or 1
-    if config.threads is not None:
-        torch.set_num_threads(max(1, min(config.threads, cores)))
-    elif info.enabled and device.type == "cpu":
-        # Several CPU processes on one machine: share the cores instead of oversubscribing.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-        torch.set_num_threads(max(1, cores // local))
+    init_process_group(info, device)
+    # Several CPU processes on one machine share the cores instead of oversubscribing them.
+    configure_threads(config.threads, share_cores=info.enabled and device.type == "cpu")
 
     final_path = run_dir / FINAL_FILE
     ckpt_path = run_dir / CHECKPOINT_FILE
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file():
         saved = RunConfig.from_dict(json.loads(config_path.read_text()))
-        if saved.result_fields() != config.result_fields():
-            diff = {
-                k: (v, config.result_fields()[k])
-                for k, v in saved.result_fields().items()
-                if config.result_fields()[k] != v
-            }
+        differences = config_differences(saved.result_fields(), config.result_fields())
+        if differences:
             raise ValueError(
-                f"{run_dir} holds a run with another configuration (saved vs now: {diff}); "
-                "choose another output folder"
+                f"{run_dir} holds a run with another configuration ("
+                + "; ".join(differences)
+                + "); choose another output folder"
             )
         if not resume:
             raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it")
     if resume and final_path.is_file():
         return json.loads(final_path.read_text())
-    _barrier(info)  # every process has checked the folder before the main one writes to it
+    barrier()  # every process has checked the folder before the main one writes to it
 
     train_set, test_set = data if data is not None else load_data(config)
     train_points = corrupted(train_set.points, config.train_outlier_rate, config.seed, "train")
@@ -322,24 +226,21 @@ def run_training(
     )
     start_epoch = 0
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_json_atomic(config_path, config.to_dict())
         # Drop metrics of epochs after the checkpoint (written just before an interruption).
-        kept = [m for m in _read_metrics(run_dir / METRICS_FILE) if m["epoch"] <= start_epoch]
-        (run_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
-    _barrier(info)
+        trim_jsonl(run_dir / METRICS_FILE, start_epoch)
+    barrier()
 
     train_model: nn.Module = model
     if info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        train_model = wrap_ddp(model, device)
     show = config.progress and info.is_main
     last_epoch = (
         config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
@@ -357,34 +258,32 @@ def run_training(
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
         times = torch.zeros(3, dtype=torch.float64)  # data, forward, backward (seconds)
         lr = optimizer.param_groups[0]["lr"]
-        with _progress(steps, f"{name} {epoch + 1}/{config.epochs}", show) as bar:
-            for idx in _batches(len(train_points), config.batch_size, config.seed, epoch, info):
-                _synchronize(device)
-                t0 = time.perf_counter()
-                x = train_points[idx].to(device, non_blocking=True)
-                y = train_set.labels[idx].to(device, non_blocking=True)
-                _synchronize(device)
-                t1 = time.perf_counter()
-                logits = train_model(x)
-                loss = F.cross_entropy(logits, y)
-                _synchronize(device)
-                t2 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                _synchronize(device)
-                t3 = time.perf_counter()
-                times += torch.tensor([t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64)
-                totals[0] += float(loss.detach()) * len(idx)
-                totals[1] += float((logits.argmax(1) == y).sum())
-                totals[2] += len(idx)
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar = progress_bar(
+            _batches(len(train_points), config.batch_size, config.seed, epoch, info),
+            total=steps,
+            desc=f"{name} {epoch + 1}/{config.epochs}",
+            enabled=show,
+        )
+        for idx in bar:
+            t0 = synced_clock(device)
+            x = train_points[idx].to(device, non_blocking=True)
+            y = train_set.labels[idx].to(device, non_blocking=True)
+            t1 = synced_clock(device)
+            logits = train_model(x)
+            loss = F.cross_entropy(logits, y)
+            t2 = synced_clock(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            t3 = synced_clock(device)
+            times += torch.tensor([t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64)
+            totals[0] += float(loss.detach()) * len(idx)
+            totals[1] += float((logits.argmax(1) == y).sum())
+            totals[2] += len(idx)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         scheduler.step()
         if info.enabled:
-            packed = torch.cat([totals, times]).to(device)
-            torch.distributed.all_reduce(packed)
-            packed = packed.cpu()
+            packed = sum_over_processes(torch.cat([totals, times]), device)
             totals, times = packed[:3], packed[3:]
         test = evaluate(model, test_points, test_set.labels, device)
         record = {
@@ -403,9 +302,8 @@ def run_training(
             "epoch_seconds": time.perf_counter() - t_epoch,
         }
         if info.is_main:
-            with (run_dir / METRICS_FILE).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            _save_atomic(
+            append_jsonl(run_dir / METRICS_FILE, record)
+            save_atomic(
                 {
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
@@ -415,7 +313,7 @@ def run_training(
                 },
                 ckpt_path,
             )
-        _barrier(info)
+        barrier()
     if last_epoch < config.epochs:
         return None
 
@@ -423,7 +321,7 @@ def run_training(
     for rate in config.test_outlier_rates:
         points = corrupted(test_set.points, rate, config.seed, "test")
         results.append({"outlier_rate": rate, **evaluate(model, points, test_set.labels, device)})
-    metrics = _read_metrics(run_dir / METRICS_FILE) if info.is_main else []
+    metrics = read_jsonl(run_dir / METRICS_FILE) if info.is_main else []
     # Median over epochs: robust to the first epoch's warm-up and to other load on the machine.
     timing = {
         key: statistics.median(m[f"time_{key}_ms"] for m in metrics) if metrics else float("nan")
@@ -443,6 +341,6 @@ def run_training(
         "timing_ms_per_cloud": timing,
     }
     if info.is_main:
-        final_path.write_text(json.dumps(final, indent=2) + "\n")
-    _barrier(info)
+        write_json_atomic(final_path, final)
+    barrier()
     return final
