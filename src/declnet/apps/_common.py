@@ -133,7 +133,7 @@ def resolve_device(name: str, info: Optional[DistributedInfo] = None) -> torch.d
         ) from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asks for CUDA, but torch finds no CUDA device")
+            raise ValueError(f"--device {name} asked for CUDA, but torch finds no CUDA device")
         if info.enabled:
             device = torch.device("cuda", info.local_rank)
         elif device.index is None:
@@ -331,7 +331,7 @@ def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}, is not JSON: {err}") from err
+                raise ValueError(f"{path}: line {number} is not JSON: {err}") from err
     return records
 
 
@@ -340,29 +340,34 @@ def trim_jsonl(path: PathLike, last_epoch: int) -> None:
 
     On resuming from the checkpoint of epoch ``last_epoch`` the epochs logged after it (by a
     run interrupted between logging and saving) are dropped, so that the log holds every
-    epoch once. ``last_epoch=0`` empties the log for a fresh run. The kept lines are not
-    rewritten; the file is created when missing.
+    epoch once; so is a last line cut short by an interruption. ``last_epoch=0`` empties the
+    log for a fresh run. The kept lines are not rewritten; the file is created when missing.
 
     Args:
         path: A JSON-lines file whose records have an ``"epoch"`` number.
         last_epoch: The last epoch to keep.
 
     Raises:
-        ValueError: If a line is not JSON or has no ``"epoch"``.
+        ValueError: If a line other than the last is not JSON, or a record has no
+            ``"epoch"``.
     """
     path = Path(path)
     kept = []
-    if path.is_file():
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+    if last_epoch > 0 and path.is_file():
+        lines = path.read_text().splitlines()
+        last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                epoch = json.loads(line)["epoch"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(
-                    f"{path}, line {number}, is not a JSON record with an epoch: {line[:80]!r}"
-                ) from err
-            if epoch <= last_epoch:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == last:
+                    break  # an append cut short: it logged an epoch after the checkpoint
+                raise ValueError(f"{path}: line {number} is not JSON: {line[:80]!r}") from err
+            if not isinstance(record, dict) or "epoch" not in record:
+                raise ValueError(f"{path}: line {number} has no epoch: {line[:80]!r}")
+            if record["epoch"] <= last_epoch:
                 kept.append(line + "\n")
     path.write_text("".join(kept))
 

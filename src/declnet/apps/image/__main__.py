@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from .._common import add_device_arguments
 from ._config import PRESETS, preset_config
 from ._data import DATASETS
 from ._model import PROJECTIONS
@@ -72,8 +73,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--sync-bn", action="store_true", default=None,
                        help="synchronised BatchNorm under torchrun")
     system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    system.add_argument("--threads", type=int, help="CPU threads for torch")
+    add_device_arguments(system)
     bars = system.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None,
                       help="always show progress bars (default: on a terminal)")
@@ -129,13 +129,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
 
-    import torch
-
+    from .._common import configure_threads
     from ._sweep import sweep
     from ._train import distributed_context, train
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     overrides = {name: getattr(args, name) for name in _CONFIG_FIELDS}
     if args.command == "train":
         overrides["projection"] = args.projection
@@ -155,6 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         with distributed_context(args.device) as dist_info:
+            # Several CPU processes on one machine share the cores instead of oversubscribing.
+            cpu_processes = dist_info.enabled and dist_info.device.type == "cpu"
+            configure_threads(args.threads, share_cores=cpu_processes)
             if args.command == "train":
                 out = args.out or f"runs/image/{config.projection}"
                 result = train(

@@ -17,6 +17,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._common import (
+    append_jsonl,
+    barrier,
+    config_differences,
+    distributed_info,
+    load_checkpoint,
+    process_group,
+    progress_bar,
+    resolve_device,
+    save_atomic,
+    sum_over_processes,
+    synced_clock,
+    trim_jsonl,
+    wrap_ddp,
+    write_json_atomic,
+)
 from .._metrics import mean_average_precision, topk_accuracy
 from ._config import ImageConfig
 from ._data import DatasetInfo, load_dataset
@@ -54,20 +70,6 @@ class Distributed:
         return self.world_size > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as ``torch.device``.
-
-    Raises:
-        ValueError: If CUDA is asked for but not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but torch finds no CUDA device")
-    return device
-
-
 @contextmanager
 def distributed_context(device: str = "auto") -> Iterator[Distributed]:
     """Join the process group that ``torchrun`` set up (if any) and leave it at the end.
@@ -82,25 +84,10 @@ def distributed_context(device: str = "auto") -> Iterator[Distributed]:
     Yields:
         The :class:`Distributed` description of this process.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    base = resolve_device(device)
-    if world_size <= 1:
-        yield Distributed(0, 1, base)
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if base.type == "cuda":
-        base = torch.device("cuda", local_rank)
-        torch.cuda.set_device(base)
-    dist.init_process_group(backend="nccl" if base.type == "cuda" else "gloo")
-    try:
-        yield Distributed(dist.get_rank(), dist.get_world_size(), base)
-    finally:
-        dist.destroy_process_group()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    info = distributed_info()
+    base = resolve_device(device, info)
+    with process_group(info, base):
+        yield Distributed(info.rank, info.world_size, base)
 
 
 class _ProjectionTimer:
@@ -118,13 +105,11 @@ class _ProjectionTimer:
 
     def _before(self, module: nn.Module, inputs: Any) -> None:
         if self.active:
-            _synchronize(self.device)
-            self._start = time.perf_counter()
+            self._start = synced_clock(self.device)
 
     def _after(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self.active:
-            _synchronize(self.device)
-            self.seconds += time.perf_counter() - self._start
+            self.seconds += synced_clock(self.device) - self._start
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -167,19 +152,6 @@ def _loader(
     )
 
 
-def _progress(iterable: Any, *, enabled: Optional[bool], total: int, desc: str) -> Any:
-    """A tqdm bar when enabled (``None``: only on a terminal) and tqdm is installed."""
-    if enabled is False:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    # disable=None lets tqdm show the bar only on a terminal.
-    disable = None if enabled is None else False
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=disable)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -215,7 +187,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for images, targets in _progress(loader, enabled=progress, total=len(loader), desc="eval"):
+    for images, targets in progress_bar(loader, enabled=progress, total=len(loader), desc="eval"):
         images = images.to(dist_info.device, non_blocking=True)
         logits.append(model(images).float().cpu())
         labels.append(targets.cpu())
@@ -235,20 +207,6 @@ def evaluate(
         "loss": float(nn.functional.cross_entropy(all_logits, all_labels)),
         "count": all_labels.shape[0],
     }
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [
-        f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]
 
 
 def run_radius(config: ImageConfig, feature_dim: int) -> Optional[float]:
@@ -333,7 +291,7 @@ def train(
     checkpoint: Optional[dict[str, Any]] = None
     if resume and result_path.is_file():
         result = json.loads(result_path.read_text())
-        differences = _config_differences(result.get("config", {}), config_dict)
+        differences = config_differences(result.get("config", {}), config_dict)
         if not differences:
             return result
         if differences != [d for d in differences if d.startswith("epochs:")]:
@@ -344,11 +302,11 @@ def train(
             )
         # Only the number of epochs changed: continue training from the checkpoint.
     if resume and checkpoint_path.is_file():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
         # More epochs may be asked for on resuming; nothing else may change.
         differences = [
             d
-            for d in _config_differences(checkpoint["config"], config_dict)
+            for d in config_differences(checkpoint["config"], config_dict)
             if not d.startswith("epochs:")
         ]
         if differences:
@@ -391,8 +349,7 @@ def train(
     if dist_info.enabled:
         if config.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        net = wrap_ddp(net, dist_info.device)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay,
@@ -412,18 +369,12 @@ def train(
             log(f"resuming {out} after epoch {start_epoch}")
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # A fresh run starts a fresh log; a resumed one drops the epochs logged after the
+        # checkpoint was taken (an interrupted save).
+        trim_jsonl(out / METRICS, start_epoch)
         if checkpoint is None:
-            (out / METRICS).write_text("")  # a fresh run starts a fresh log
             checkpoint_path.unlink(missing_ok=True)
             result_path.unlink(missing_ok=True)
-        elif (out / METRICS).is_file():
-            # Drop epochs logged after the checkpoint was taken (an interrupted save).
-            kept = [
-                line
-                for line in (out / METRICS).read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= start_epoch
-            ]
-            (out / METRICS).write_text("".join(line + "\n" for line in kept))
     criterion = nn.CrossEntropyLoss()
     device = dist_info.device
     started = time.perf_counter()
@@ -437,32 +388,28 @@ def train(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = 0
-        bar = _progress(
+        bar = progress_bar(
             loader, enabled=progress if dist_info.is_main else False, total=len(loader),
             desc=f"{config.projection} {epoch + 1}/{config.epochs}",
         )
         iterator = iter(bar)
         while True:
-            _synchronize(device)
-            t0 = time.perf_counter()
+            t0 = synced_clock(device)
             try:
                 images, targets = next(iterator)
             except StopIteration:
                 break
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            _synchronize(device)
-            t1 = time.perf_counter()
+            t1 = synced_clock(device)
             projection_before = timer.seconds if timer else 0.0
             logits = net(images)
             loss = criterion(logits, targets)
-            _synchronize(device)
-            t2 = time.perf_counter()
+            t2 = synced_clock(device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _synchronize(device)
-            t3 = time.perf_counter()
+            t3 = synced_clock(device)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss became {float(loss)} at epoch {epoch + 1} "
@@ -477,12 +424,11 @@ def train(
             loss_sum += loss.detach() * batch
             correct += (logits.detach().argmax(1) == targets).sum()
             seen += batch
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         scheduler.step()
         if dist_info.enabled:
             stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
-            dist.all_reduce(stats)
+            stats = sum_over_processes(stats, device)
             loss_sum, correct, seen = stats[0], stats[1], int(stats[2])
         train_loss = float(loss_sum) / max(seen, 1)
         if timer:
@@ -512,8 +458,7 @@ def train(
             "wall_s": wall,
         }
         if dist_info.is_main:
-            with open(out / METRICS, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_jsonl(out / METRICS, record)
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -524,9 +469,7 @@ def train(
                 "train_loss": train_loss,
                 "config": config_dict,
             }
-            tmp = checkpoint_path.with_suffix(".pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, checkpoint_path)
+            save_atomic(state, checkpoint_path)
             log(
                 f"{config.projection:>11} epoch {epoch + 1:>3}/{config.epochs}: "
                 f"loss {train_loss:.4f}  top-1 {100 * metrics['top1']:.2f}%  "
@@ -564,7 +507,6 @@ def train(
         "config": config_dict,
     }
     if dist_info.is_main:
-        _write_json_atomic(result_path, result)
-    if dist_info.enabled:
-        dist.barrier()
+        write_json_atomic(result_path, result)
+    barrier()
     return result
