@@ -280,7 +280,7 @@ def run_training(
             totals[0] += float(loss.detach()) * len(idx)
             totals[1] += float((logits.argmax(1) == y).sum())
             totals[2] += len(idx)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         scheduler.step()
         if info.enabled:
             packed = sum_over_processes(torch.cat([totals, times]), device)
