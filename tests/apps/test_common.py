@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import torch.distributed
 
 from declnet.apps._common import (
     DistributedInfo,
+    ProcessRole,
     add_device_arguments,
     append_jsonl,
     barrier,
@@ -68,6 +70,18 @@ def test_distributed_info_reads_the_torchrun_environment(no_torchrun):
     no_torchrun.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE must be an integer, got 'two'"):
         distributed_info()
+
+
+def test_process_role_serves_any_dataclass_with_rank_and_world_size():
+    @dataclasses.dataclass(frozen=True)
+    class Place(ProcessRole):
+        rank: int
+        world_size: int
+        name: str = "gpu"
+
+    assert [f.name for f in dataclasses.fields(Place)] == ["rank", "world_size", "name"]
+    assert Place(0, 1).is_main and not Place(0, 1).enabled
+    assert not Place(2, 3).is_main and Place(2, 3).enabled
 
 
 def test_resolve_device_picks_the_cpu_without_cuda_and_rejects_bad_names():

@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "DistributedInfo",
+    "ProcessRole",
     "add_device_arguments",
     "append_jsonl",
     "barrier",
@@ -52,8 +53,28 @@ PathLike = Union[str, "os.PathLike[str]"]
 # Processes (torchrun) and devices
 
 
+class ProcessRole:
+    """What a process's ``rank`` and ``world_size`` say about its role.
+
+    A base of the dataclasses that describe a process, which define the two fields.
+    """
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and shows progress."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.world_size > 1
+
+
 @dataclass(frozen=True)
-class DistributedInfo:
+class DistributedInfo(ProcessRole):
     """Rank and world size of this process (one process without ``torchrun``).
 
     Attributes:
@@ -65,16 +86,6 @@ class DistributedInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes files and shows progress."""
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        """Whether more than one process takes part."""
-        return self.world_size > 1
 
 
 def _env_int(name: str, default: int) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._common import (
+    ProcessRole,
     append_jsonl,
     barrier,
     config_differences,
@@ -46,8 +47,11 @@ RESULT = "result.json"
 
 
 @dataclass(frozen=True)
-class Distributed:
+class Distributed(ProcessRole):
     """Where this process stands in a (possibly single-process) run.
+
+    ``is_main`` tells whether this process writes files and shows progress, ``enabled``
+    whether a process group with more than one process is in use.
 
     Attributes:
         rank: Global rank (0 without ``torchrun``).
@@ -58,16 +62,6 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes files and shows progress."""
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        """Whether a process group with more than one process is in use."""
-        return self.world_size > 1
 
 
 @contextmanager
