@@ -35,7 +35,7 @@ _RUN_FIELDS = (
 )
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and model (defaults come from --preset, then RunConfig)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="smoke | demo | paper")
     g.add_argument("--dataset", choices=["synthetic", "modelnet40_h5", "modelnet40_off"])
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train and evaluate one model")
-    _common(p)
+    _run_options(p)
     p.add_argument("--pool", choices=POOLS, default=None, help="global pooling (default max)")
     p.add_argument("--outlier-rate", type=float, help="outlier fraction in training and testing")
     p.add_argument(
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
     p = sub.add_parser("sweep", help="train a grid of pools × outlier rates, then report")
-    _common(p)
+    _run_options(p)
     p.add_argument(
         "--pools",
         nargs="+",
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
     p = sub.add_parser("export", help="write the synthetic dataset in the modelnet40 HDF5 layout")
-    _common(p)
+    _run_options(p)
     p.add_argument("--out", required=True, help="output folder")
     return parser
 
