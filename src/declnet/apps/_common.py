@@ -9,7 +9,6 @@ are the same in both live here; each experiment keeps its own seeding, data, mod
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -409,10 +408,13 @@ def config_differences(
 # Command line and progress
 
 
-def add_device_arguments(parser: Union[argparse.ArgumentParser, Any]) -> None:
+def add_device_arguments(parser: Any) -> None:
     """Add ``--device`` (default ``auto``) and ``--threads`` to a parser or argument group.
 
     The values go to :func:`resolve_device` and :func:`configure_threads`.
+
+    Args:
+        parser: An ``argparse.ArgumentParser`` or one of its argument groups.
     """
     parser.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA if any)"
