@@ -32,7 +32,7 @@ test: install-test lint
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q
 
 demo: install-apps
-	OMP_WAIT_POLICY=PASSIVE $(PYTHON) examples/train_sphere.py
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m declnet.apps.pointcloud sweep --preset demo
 
 bench: install-test
 	for script in benchmarks/*.py; do OMP_WAIT_POLICY=PASSIVE $(PYTHON) $$script || exit 1; done
@@ -43,3 +43,8 @@ docs: torch
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info
+
+# The image experiment (paper §7, Table 6): ResNet-18 with every projection, on the digits.
+.PHONY: demo-image
+demo-image: install-apps
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m declnet.apps.image sweep --preset demo

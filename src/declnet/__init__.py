@@ -6,7 +6,7 @@ implicit differentiation of the optimality conditions rather than from
 back-propagating through the solver.
 """
 
-from . import testing
+from . import layers, testing
 from ._diagnostics import DeclarativeWarning, OptimalityResidual
 from ._function import DeclarativeFunction, declarative
 from ._implicit import ImplicitBackward, UnrolledBackward, implicit_vjp, optimality_residual
@@ -17,10 +17,9 @@ from ._node import (
     LinearEqualityConstrainedNode,
     Solution,
 )
-
-# Robust pooling layers (paper §5.1).
 from .layers import (
     Huber,
+    LpProjection,
     Penalty,
     PseudoHuber,
     Quadratic,
@@ -28,6 +27,9 @@ from .layers import (
     RobustVectorPool,
     TruncatedQuadratic,
     Welsch,
+    project_onto_ball,
+    project_onto_simplex,
+    project_onto_sphere,
     robust_pool,
     robust_vector_pool,
 )
@@ -39,29 +41,30 @@ __all__ = [
     "DeclarativeNode",
     "DeclarativeWarning",
     "EqualityConstrainedNode",
+    "Huber",
     "ImplicitBackward",
     "InequalityConstrainedNode",
     "LinearEqualityConstrainedNode",
+    "LpProjection",
     "OptimalityResidual",
-    "Solution",
-    "UnrolledBackward",
-    "__version__",
-    "declarative",
-    "implicit_vjp",
-    "optimality_residual",
-    "testing",
-]
-
-# Robust pooling layers (paper §5.1).
-__all__ += [
-    "Huber",
     "Penalty",
     "PseudoHuber",
     "Quadratic",
     "RobustPool",
     "RobustVectorPool",
+    "Solution",
     "TruncatedQuadratic",
+    "UnrolledBackward",
     "Welsch",
+    "__version__",
+    "declarative",
+    "implicit_vjp",
+    "layers",
+    "optimality_residual",
+    "project_onto_ball",
+    "project_onto_simplex",
+    "project_onto_sphere",
     "robust_pool",
     "robust_vector_pool",
+    "testing",
 ]

@@ -1,6 +1,11 @@
-"""Ready-made declarative layers: functional forms and ``nn.Module`` pairs."""
+"""Ready-made declarative layers: functional forms and ``nn.Module`` pairs.
 
-# Robust pooling (paper §5.1, Table 1).
+- Robust pooling (paper §5.1, Table 1): penalty objects and ``robust_pool`` /
+  ``RobustPool``, ``robust_vector_pool`` / ``RobustVectorPool``.
+- Lp projections (paper §5.2, Table 2): ``project_onto_sphere``, ``project_onto_ball``,
+  ``project_onto_simplex`` and ``LpProjection``.
+"""
+
 from ._kernels import compile_mode, set_compile_mode
 from .penalties import (
     Huber,
@@ -12,13 +17,17 @@ from .penalties import (
     as_penalty,
     penalty_names,
 )
+from .projections import (
+    LpProjection,
+    project_onto_ball,
+    project_onto_simplex,
+    project_onto_sphere,
+)
 from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
 
-__all__: list[str] = []
-
-# Robust pooling (paper §5.1, Table 1).
-__all__ += [
+__all__ = [
     "Huber",
+    "LpProjection",
     "Penalty",
     "PseudoHuber",
     "Quadratic",
@@ -29,6 +38,9 @@ __all__ += [
     "as_penalty",
     "compile_mode",
     "penalty_names",
+    "project_onto_ball",
+    "project_onto_simplex",
+    "project_onto_sphere",
     "robust_pool",
     "robust_vector_pool",
     "set_compile_mode",

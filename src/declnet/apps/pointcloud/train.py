@@ -1,0 +1,346 @@
+"""Training and evaluation of one run: SGD, per-epoch metrics, timings, checkpoints, DDP.
+
+A run lives in its own folder::
+
+    RUN/config.json      the configuration (RunConfig.to_dict())
+    RUN/metrics.jsonl    one JSON line per epoch (loss, test top-1, mAP, timings)
+    RUN/checkpoint.pt    model, optimiser and scheduler after the last finished epoch
+    RUN/final.json       the final evaluation at every test outlier rate, written last
+
+Every source of randomness is seeded from ``config.seed`` and, where it changes over time,
+from the epoch number, so a run resumed from its checkpoint (``resume=True``) follows the
+same trajectory as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._common import (
+    DistributedInfo,
+    append_jsonl,
+    barrier,
+    config_differences,
+    configure_threads,
+    distributed_info,
+    init_process_group,
+    load_checkpoint,
+    progress_bar,
+    read_jsonl,
+    resolve_device,
+    save_atomic,
+    sum_over_processes,
+    synced_clock,
+    trim_jsonl,
+    wrap_ddp,
+    write_json_atomic,
+)
+from .._metrics import mean_average_precision, top1_accuracy
+from .config import RunConfig
+from .data import PointCloudSet, load_dataset
+from .model import PointNet
+from .outliers import inject_outliers
+
+__all__ = ["DistributedInfo", "evaluate", "load_data", "run_training"]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+FINAL_FILE = "final.json"
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed derived from ``seed`` and a tag (e.g. ("shuffle", epoch))."""
+    text = "/".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------------------
+# Data
+
+
+def load_data(config: RunConfig) -> tuple[PointCloudSet, PointCloudSet]:
+    """Load the clean train and test sets that ``config`` describes."""
+    return load_dataset(
+        config.dataset,
+        num_points=config.num_points,
+        data_root=config.data_root,
+        num_classes=config.num_classes,
+        train_per_class=config.train_per_class,
+        test_per_class=config.test_per_class,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
+    )
+
+
+def corrupted(points: torch.Tensor, rate: float, seed: int, split: str) -> torch.Tensor:
+    """``points`` with a fixed set of outliers for this seed, rate and split."""
+    return inject_outliers(points, rate, derive_seed(seed, "outliers", split, f"{rate:.6f}"))
+
+
+def protocol(config: RunConfig) -> str:
+    """The evaluation protocol of a run.
+
+    Returns:
+        "same" (Table 3: tested at the training outlier rate only), "clean" (Table 4: trained
+        without outliers, tested at several rates) or "mixed" (anything else).
+    """
+    if config.test_outlier_rates == [config.train_outlier_rate]:
+        return "same"
+    return "clean" if config.train_outlier_rate == 0.0 else "mixed"
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Evaluate a classifier: mean loss, top-1 accuracy and mAP.
+
+    Args:
+        model: Maps (B, N, 3) clouds to (B, K) logits.
+        points: (n, N, 3) clouds.
+        labels: (n,) classes.
+        device: Where to run.
+        batch_size: Clouds per forward pass.
+
+    Returns:
+        ``{"loss": ..., "top1": ..., "map": ...}`` (accuracy and mAP in [0, 1]).
+    """
+    was_training = model.training
+    model.eval()
+    logits = []
+    for start in range(0, len(points), batch_size):
+        logits.append(model(points[start : start + batch_size].to(device)).float().cpu())
+    model.train(was_training)
+    scores = torch.cat(logits)
+    return {
+        "loss": float(F.cross_entropy(scores, labels)),
+        "top1": top1_accuracy(scores, labels),
+        "map": mean_average_precision(scores, labels),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Training
+
+
+def _batches(
+    n: int, batch_size: int, seed: int, epoch: int, info: DistributedInfo
+) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch: a seeded permutation, split evenly over the processes,
+    dropping the incomplete last batch (BatchNorm needs more than one sample)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "shuffle", epoch))
+    order = torch.randperm(n, generator=generator)
+    per_process = n // info.world_size
+    mine = order[info.rank * per_process : (info.rank + 1) * per_process]
+    for start in range(0, per_process - batch_size + 1, batch_size):
+        yield mine[start : start + batch_size]
+
+
+def run_training(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    data: tuple[PointCloudSet, PointCloudSet] | None = None,
+    name: str | None = None,
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any] | None:
+    """Train and evaluate one PointNet, writing the run folder described in the module docs.
+
+    Args:
+        config: The run configuration.
+        run_dir: The run's folder (created).
+        resume: Continue from ``run_dir/checkpoint.pt`` if it exists (a finished run just
+            returns its results). Without it, a folder that already holds a run is an error.
+        data: Clean ``(train, test)`` sets, to share one loaded dataset between runs
+            (default: load what ``config`` describes).
+        name: Name shown in progress output (default: the folder name).
+        stop_after_epochs: Stop after this many epochs in total, as if interrupted (for
+            testing ``resume``); the run then has no ``final.json``.
+
+    Returns:
+        The contents of ``final.json``, or None when stopped early.
+
+    Raises:
+        ValueError: If the folder holds a different or unfinished run and ``resume`` is not
+            set, or the configuration differs from the saved one.
+    """
+    run_dir = Path(run_dir)
+    name = name or run_dir.name
+    info = distributed_info()
+    device = resolve_device(config.device, info)
+    init_process_group(info, device)
+    # Several CPU processes on one machine share the cores instead of oversubscribing them.
+    configure_threads(config.threads, share_cores=info.enabled and device.type == "cpu")
+
+    final_path = run_dir / FINAL_FILE
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    config_path = run_dir / CONFIG_FILE
+    if config_path.is_file():
+        saved = RunConfig.from_dict(json.loads(config_path.read_text()))
+        differences = config_differences(saved.result_fields(), config.result_fields())
+        if differences:
+            raise ValueError(
+                f"{run_dir} holds a run with another configuration ("
+                + "; ".join(differences)
+                + "); choose another output folder"
+            )
+        if not resume:
+            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it")
+    if resume and final_path.is_file():
+        return json.loads(final_path.read_text())
+    barrier()  # every process has checked the folder before the main one writes to it
+
+    train_set, test_set = data if data is not None else load_data(config)
+    train_points = corrupted(train_set.points, config.train_outlier_rate, config.seed, "train")
+    test_points = corrupted(test_set.points, config.train_outlier_rate, config.seed, "test")
+
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    model: nn.Module = PointNet(train_set.num_classes, config.pool, config.alpha, config.width)
+    if info.enabled and device.type == "cuda":
+        # BatchNorm statistics over the whole batch of all processes, as on one device.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=max(1, config.epochs // 3), gamma=0.5
+    )
+    start_epoch = 0
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config_path, config.to_dict())
+        # Drop metrics of epochs after the checkpoint (written just before an interruption).
+        trim_jsonl(run_dir / METRICS_FILE, start_epoch)
+    barrier()
+
+    train_model: nn.Module = model
+    if info.enabled:
+        train_model = wrap_ddp(model, device)
+    show = config.progress and info.is_main
+    last_epoch = (
+        config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    )
+    steps = len(train_points) // info.world_size // config.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"the training set ({len(train_points)} clouds over {info.world_size} processes) "
+            f"is smaller than one batch of {config.batch_size}"
+        )
+    for epoch in range(start_epoch, last_epoch):
+        torch.manual_seed(derive_seed(config.seed, "epoch", epoch))  # dropout
+        model.train()
+        t_epoch = time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        times = torch.zeros(3, dtype=torch.float64)  # data, forward, backward (seconds)
+        lr = optimizer.param_groups[0]["lr"]
+        bar = progress_bar(
+            _batches(len(train_points), config.batch_size, config.seed, epoch, info),
+            total=steps,
+            desc=f"{name} {epoch + 1}/{config.epochs}",
+            enabled=show,
+        )
+        for idx in bar:
+            t0 = synced_clock(device)
+            x = train_points[idx].to(device, non_blocking=True)
+            y = train_set.labels[idx].to(device, non_blocking=True)
+            t1 = synced_clock(device)
+            logits = train_model(x)
+            loss = F.cross_entropy(logits, y)
+            t2 = synced_clock(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            t3 = synced_clock(device)
+            times += torch.tensor([t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64)
+            totals[0] += float(loss.detach()) * len(idx)
+            totals[1] += float((logits.argmax(1) == y).sum())
+            totals[2] += len(idx)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+        scheduler.step()
+        if info.enabled:
+            packed = sum_over_processes(torch.cat([totals, times]), device)
+            totals, times = packed[:3], packed[3:]
+        test = evaluate(model, test_points, test_set.labels, device)
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_top1": float(totals[1] / totals[2]),
+            "test_outlier_rate": config.train_outlier_rate,
+            "test_loss": test["loss"],
+            "test_top1": test["top1"],
+            "test_map": test["map"],
+            # Per point cloud, in milliseconds (summed over processes, divided by all clouds).
+            "time_data_ms": float(times[0] / totals[2] * 1e3),
+            "time_forward_ms": float(times[1] / totals[2] * 1e3),
+            "time_backward_ms": float(times[2] / totals[2] * 1e3),
+            "epoch_seconds": time.perf_counter() - t_epoch,
+        }
+        if info.is_main:
+            append_jsonl(run_dir / METRICS_FILE, record)
+            save_atomic(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "config": config.to_dict(),
+                },
+                ckpt_path,
+            )
+        barrier()
+    if last_epoch < config.epochs:
+        return None
+
+    results = []
+    for rate in config.test_outlier_rates:
+        points = corrupted(test_set.points, rate, config.seed, "test")
+        results.append({"outlier_rate": rate, **evaluate(model, points, test_set.labels, device)})
+    metrics = read_jsonl(run_dir / METRICS_FILE) if info.is_main else []
+    # Median over epochs: robust to the first epoch's warm-up and to other load on the machine.
+    timing = {
+        key: statistics.median(m[f"time_{key}_ms"] for m in metrics) if metrics else float("nan")
+        for key in ("data", "forward", "backward")
+    }
+    final = {
+        "name": name,
+        "pool": config.pool,
+        "alpha": config.alpha,
+        "train_outlier_rate": config.train_outlier_rate,
+        "protocol": protocol(config),
+        "epochs": config.epochs,
+        "device": str(device),
+        "world_size": info.world_size,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "results": results,
+        "timing_ms_per_cloud": timing,
+    }
+    if info.is_main:
+        write_json_atomic(final_path, final)
+    barrier()
+    return final
