@@ -119,8 +119,10 @@ def test_l2_matches_plain_autograd(kind):
     v = sample(5, 1.0)
     y = project(kind)(x, 2, 1.7)
     norm = x_ref.norm(dim=-1, keepdim=True)
-    y_ref = 1.7 * F.normalize(x_ref, dim=-1) if kind == "sphere" else x_ref * torch.clamp(
-        1.7 / norm, max=1.0
+    y_ref = (
+        1.7 * F.normalize(x_ref, dim=-1)
+        if kind == "sphere"
+        else x_ref * torch.clamp(1.7 / norm, max=1.0)
     )
     torch.testing.assert_close(y, y_ref)
     (g,) = torch.autograd.grad(y, x, v)

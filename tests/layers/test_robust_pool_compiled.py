@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -33,3 +35,29 @@ def test_compiled_equals_eager():
 def test_compile_mode_validation():
     with pytest.raises(ValueError, match="compile mode must be one of"):
         set_compile_mode("sometimes")
+
+
+def test_failed_compilation_falls_back_to_eager(monkeypatch):
+    kernels = sys.modules["declnet.layers._kernels"]
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler here")
+
+        return run
+
+    monkeypatch.setattr(kernels.torch, "compile", broken_compile)
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setitem(kernels._state, "broken", False)
+    x = torch.randn(3, 4, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    previous = compile_mode()
+    try:
+        set_compile_mode("never")
+        expected = robust_pool(x, PseudoHuber(0.7))
+        set_compile_mode("always")
+        with pytest.warns(RuntimeWarning, match="using eager PyTorch from now on"):
+            got = robust_pool(x, PseudoHuber(0.7))
+    finally:
+        set_compile_mode(previous)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert kernels._state["broken"] is True
