@@ -462,3 +462,23 @@ def test_slow_rows_finish_after_fast_rows_are_set_aside(name):
     torch.testing.assert_close(y, one_by_one, rtol=0, atol=1e-12)
     g = pen.dphi(y.unsqueeze(-1) - x).sum(-1)
     assert g.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_eager_kernels_in_blocks_of_rows_give_the_same_answers(name, monkeypatch):
+    kernels = sys.modules["declnet.layers._kernels"]
+    x = rand(B, 7, 6, seed=22)
+    alpha = torch.linspace(0.5, 1.5, 7, dtype=F64)
+    v = rand(B, 7, seed=23)
+    results = []
+    for block in (1 << 16, 12):  # one block; blocks of 2 rows
+        monkeypatch.setattr(kernels, "_EAGER_BLOCK", block)
+        xg = x.clone().requires_grad_()
+        ag = alpha.clone().requires_grad_()
+        y = robust_pool(xg, as_penalty(name).__class__(ag))
+        gx, ga = torch.autograd.grad(y, (xg, ag), v, allow_unused=True)
+        results.append((y, gx, ga))
+    (y1, gx1, ga1), (y2, gx2, ga2) = results
+    torch.testing.assert_close(y2, y1, rtol=0, atol=1e-14)
+    torch.testing.assert_close(gx2, gx1, rtol=0, atol=1e-14)
+    torch.testing.assert_close(ga2, ga1, rtol=0, atol=1e-14)

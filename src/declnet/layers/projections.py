@@ -111,15 +111,11 @@ def _prepare_radius(radius: Any, x: Tensor, dim: int, name: str = "radius") -> f
             raise ValueError(f"{name} must be > 0 and finite; got {name}={radius}.")
         return radius
     if not isinstance(radius, Tensor):
-        raise TypeError(
-            f"{name} must be a positive float or tensor; got {type(radius).__name__}."
-        )
+        raise TypeError(f"{name} must be a positive float or tensor; got {type(radius).__name__}.")
     if not radius.is_floating_point():
         radius = radius.to(x.dtype)
     if radius.device != x.device:
-        raise ValueError(
-            f"{name} is on {radius.device} but x is on {x.device}; move one of them."
-        )
+        raise ValueError(f"{name} is on {radius.device} but x is on {x.device}; move one of them.")
     radius = radius.to(x.dtype)
     batch_shape = x.shape[:dim] + x.shape[dim + 1 :]
     if radius.dim() == x.dim():
@@ -411,9 +407,7 @@ def _rising_root(a: Tensor, c: Tensor, p: float, start: Tensor | None = None) ->
     return z
 
 
-def _safeguarded_newton(
-    fn: Any, lo: Tensor, hi: Tensor, start: Tensor, increasing: bool
-) -> Tensor:
+def _safeguarded_newton(fn: Any, lo: Tensor, hi: Tensor, start: Tensor, increasing: bool) -> Tensor:
     """Root of a monotone scalar function per row inside the bracket [lo, hi].
 
     ``fn(t)`` returns (value, derivative). Newton steps that leave the current bracket
@@ -654,9 +648,7 @@ class _LpProjectionFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
-def _project(
-    x: Tensor, p: Any, radius: Any, dim: Any, kind: str, masked: bool
-) -> Tensor:
+def _project(x: Tensor, p: Any, radius: Any, dim: Any, kind: str, masked: bool) -> Tensor:
     p = _check_p(p)
     dim = _check_x(x, dim)
     r = _prepare_radius(radius, x, dim)
@@ -889,6 +881,5 @@ class LpProjection(nn.Module):
     def extra_repr(self) -> str:
         radius = self.radius if not isinstance(self.radius, Tensor) else "tensor"
         return (
-            f"p={self.p}, kind={self.kind!r}, radius={radius}, dim={self.dim}, "
-            f"masked={self.masked}"
+            f"p={self.p}, kind={self.kind!r}, radius={radius}, dim={self.dim}, masked={self.masked}"
         )
