@@ -157,8 +157,14 @@ class _Problem:
         self.q = 0 if self.g is None else self.g.shape[1]
         self.c = self.p + self.q
 
+        # Without (nonlinear) constraints D_Y L = D_Y f: one backward with a graph serves both.
+        self._grad_l: Tensor | None = None
         with torch.enable_grad():
-            self.gf = self._grad_y(self.f.sum())
+            if self.c == 0 or self.linear:
+                self._grad_l = self._grad_y(self.f.sum(), create_graph=True)
+                self.gf = self._grad_l.detach()
+            else:
+                self.gf = self._grad_y(self.f.sum())
         if self.linear:
             self.A = node.constraint_matrix(self.batch, self.m).to(self.dtype)
         else:
@@ -246,8 +252,10 @@ class _Problem:
     # -- the Lagrangian ---------------------------------------------------------------------
     def lagrangian_gradient(self) -> Tensor:
         """``D_Y L(x, y, λ)`` ``(B, m)`` with a graph for second derivatives (λ fixed)."""
+        if self._grad_l is not None:
+            return self._grad_l
         with torch.enable_grad():
-            if self.linear or self.c == 0 or not self.htil.requires_grad:
+            if not self.htil.requires_grad:
                 total = self.f.sum()
             else:
                 total = self.f.sum() - (self.multipliers * self.htil).sum()
