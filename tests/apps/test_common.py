@@ -285,7 +285,6 @@ def test_progress_bar_without_a_bar_iterates_and_ignores_postfix(capsys):
 
 
 def test_progress_bar_draws_on_stderr_when_enabled(capsys):
-    pytest.importorskip("tqdm")
     bar = progress_bar(range(4), total=4, desc="epoch 1/2", enabled=True)
     assert list(bar) == [0, 1, 2, 3]
     bar.set_postfix(loss="0.5")

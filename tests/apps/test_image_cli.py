@@ -10,8 +10,6 @@ import torch
 from declnet.apps.image import preset_config, train
 from declnet.apps.image.__main__ import main
 
-pytest.importorskip("sklearn")  # the smoke preset uses scikit-learn's digits
-
 
 def _has_lp_projection() -> bool:
     try:

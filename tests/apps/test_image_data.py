@@ -129,7 +129,6 @@ def _write_png_tree(root, size=(20, 12)):
 
 
 def test_image_folders_load_pngs_with_imagenet_transforms(tmp_path):
-    pytest.importorskip("PIL")
     _write_png_tree(tmp_path)
     train, val, info = load_image_folders(tmp_path, image_size=8)
     assert info.classes == ("cat", "dog", "emu")
@@ -154,7 +153,6 @@ def test_image_folders_missing_root_explains_the_layout(tmp_path):
 
 
 def test_digits_need_no_files():
-    pytest.importorskip("sklearn")
     train, val, info = load_dataset("digits", train_subset=50, val_subset=20)
     assert (len(train), len(val)) == (50, 20)
     assert (info.num_classes, info.in_channels, info.image_size) == (10, 1, 8)

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch.distributed
 
-pytest.importorskip("sklearn")  # the smoke preset uses scikit-learn's digits
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(

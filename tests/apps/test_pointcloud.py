@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -36,9 +37,6 @@ from declnet.apps.pointcloud.data import (
     read_off,
 )
 from declnet.apps.pointcloud.outliers import num_outliers
-
-h5py = pytest.importorskip("h5py")
-
 
 # ------------------------------------------------------------------------------ loaders
 
@@ -291,7 +289,7 @@ def test_average_precision_counts_ties_together_and_skips_absent_classes():
 
 @pytest.mark.slow
 def test_map_agrees_with_scikit_learn():
-    metrics = pytest.importorskip("sklearn.metrics")
+    from sklearn import metrics
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(60, 4, generator=gen).round(decimals=1)  # many ties
     labels = torch.randint(0, 4, (60,), generator=gen)
