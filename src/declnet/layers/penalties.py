@@ -96,15 +96,15 @@ class Penalty(torch.nn.Module):
 
     def phi(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         """The penalty ``φ(z; α)``, elementwise. ``z``: any shape; returns the same shape."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def dphi(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         """First derivative ``∂φ/∂z``, elementwise (a one-sided choice at kinks)."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def d2phi(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         """Second derivative ``∂²φ/∂z²``, elementwise (the value inside ``|z| ≤ α`` at kinks)."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def weight(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         """The reweighting factor ``φ'(z) / z`` (its limit at ``z = 0``), elementwise.
@@ -112,7 +112,7 @@ class Penalty(torch.nn.Module):
         It is the weight of iteratively reweighted least squares and the radial factor of the
         gradient of ``φ(‖z‖)`` for vectors.
         """
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def radial_excess(self, r: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         """``(φ''(r) − φ'(r)/r) / r²`` for ``r ≥ 0`` (its limit at ``r = 0``), elementwise.
@@ -120,11 +120,11 @@ class Penalty(torch.nn.Module):
         The Hessian of ``φ(‖d‖)`` with respect to a vector ``d`` is
         ``weight(r) I + radial_excess(r) d dᵀ`` with ``r = ‖d‖``.
         """
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def dphi_dalpha(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         """The mixed derivative ``∂²φ/∂z∂α``, elementwise (needed for a learnable ``α``)."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def extra_repr(self) -> str:
         if self.alpha is None:

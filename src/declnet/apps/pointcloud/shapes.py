@@ -42,10 +42,10 @@ class _Part:
     axis: str = "z"
 
     def area(self) -> float:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def sample_local(self, rng: Rng, n: int) -> np.ndarray:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every subclass overrides it
 
     def sample(self, rng: Rng, n: int) -> np.ndarray:
         local = self.sample_local(rng, n)
