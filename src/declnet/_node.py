@@ -9,13 +9,13 @@ conditions (Propositions 4.4–4.6 of the paper).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._diagnostics import check_batched, node_name
+from ._solution import Solution
 
 __all__ = [
     "DeclarativeNode",
@@ -24,28 +24,6 @@ __all__ = [
     "LinearEqualityConstrainedNode",
     "Solution",
 ]
-
-
-@dataclass
-class Solution:
-    """What a node's ``solve`` may return instead of a bare tensor.
-
-    Attributes:
-        y: ``(B, ...)`` the solution, one per sample.
-        multipliers: optional ``(B, p + q)`` Lagrange multipliers, equality constraints
-            first, then inequality constraints, in the paper's sign convention
-            ``D_Y f(x, y) = λᵀ D_Y h̃(x, y)`` with ``L = f − λᵀ h̃`` (so multipliers of
-            active inequalities ``g ≤ 0`` are ``≤ 0``, and those of inactive ones 0).
-            When absent the engine recovers them by least squares (eq. 25).
-        active: optional ``(B, q)`` boolean mask of active inequality constraints; when
-            absent it is detected from ``g(x, y) ≥ −tol``.
-        info: free-form solver information (iterations, status, ...), kept for the user.
-    """
-
-    y: Tensor
-    multipliers: Tensor | None = None
-    active: Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class DeclarativeNode(nn.Module):
