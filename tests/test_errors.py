@@ -118,9 +118,12 @@ def test_negative_damping():
 
 
 def test_bad_backward_mode():
-    node = dt.UnitSphereProjection(backward="implicit")
     with pytest.raises(TypeError, match=r"backward must be declnet.ImplicitBackward"):
-        node(x)
+        dt.UnitSphereProjection(backward="implicit")
+    node = dt.UnitSphereProjection()
+    node.backward_mode = "implicit"  # set after construction
+    with pytest.raises(TypeError, match=r"backward must be declnet.ImplicitBackward"):
+        node(torch.randn(2, 3, dtype=F64))
 
 
 def test_linear_constraint_shapes():

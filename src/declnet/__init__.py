@@ -8,15 +8,18 @@ back-propagating through the solver.
 
 from . import layers, testing
 from ._diagnostics import DeclarativeWarning, OptimalityResidual
-from ._function import DeclarativeFunction, declarative
-from ._implicit import ImplicitBackward, UnrolledBackward, implicit_vjp, optimality_residual
+from ._function import DeclarativeFunction
+from ._implicit import implicit_vjp, optimality_residual
+from ._modes import ImplicitBackward, UnrolledBackward
 from ._node import (
     DeclarativeNode,
     EqualityConstrainedNode,
     InequalityConstrainedNode,
     LinearEqualityConstrainedNode,
-    Solution,
+    declarative,
 )
+from ._operators import DenseOperator, DiagonalOperator, LinearOperator, MatrixFreeOperator
+from ._solution import Solution
 from .layers import (
     Huber,
     LpProjection,
@@ -40,12 +43,16 @@ __all__ = [
     "DeclarativeFunction",
     "DeclarativeNode",
     "DeclarativeWarning",
+    "DenseOperator",
+    "DiagonalOperator",
     "EqualityConstrainedNode",
     "Huber",
     "ImplicitBackward",
     "InequalityConstrainedNode",
     "LinearEqualityConstrainedNode",
+    "LinearOperator",
     "LpProjection",
+    "MatrixFreeOperator",
     "OptimalityResidual",
     "Penalty",
     "PseudoHuber",

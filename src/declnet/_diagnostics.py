@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -50,9 +52,33 @@ def node_name(node: Any) -> str:
     return type(node).__name__
 
 
-def warn(node: Any, message: str, stacklevel: int = 3) -> None:
-    """Issue a :class:`DeclarativeWarning` prefixed with the node's name."""
-    warnings.warn(f"{node_name(node)}: {message}", DeclarativeWarning, stacklevel=stacklevel)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside declnet and torch (the user's line)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        inside = path.startswith(_PACKAGE_DIR + os.sep) or path.startswith(_TORCH_DIR + os.sep)
+        # Frames of the package's own tests and user nodes are outside both directories.
+        if not inside:
+            return level
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn(node: Any, message: str, stacklevel: int | None = None) -> None:
+    """Issue a :class:`DeclarativeWarning` prefixed with the node's name.
+
+    The warning points at the first line outside declnet and torch (the user's call or
+    their ``backward()``) unless ``stacklevel`` is given.
+    """
+    level = _user_stacklevel() if stacklevel is None else stacklevel
+    warnings.warn(f"{node_name(node)}: {message}", DeclarativeWarning, stacklevel=level)
 
 
 def check_batched(node: Any, what: str, value: Any, batch: int, ndim: int | None) -> Tensor:

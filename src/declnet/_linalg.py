@@ -22,125 +22,243 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "Factor",
     "IterativeInfo",
+    "cholesky_factor",
+    "compute_dtype",
     "conjugate_gradient",
     "default_rcond",
+    "equilibrate",
+    "lu_factor",
     "minres",
     "residual_ok",
+    "singular_tol",
     "solve_cholesky",
     "solve_lu",
     "solve_symmetric_pinv",
+    "working_eps",
 ]
 
 
+def working_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the dtype the problem's data carry (float32 for half types)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return torch.finfo(dtype).eps
+
+
+def singular_tol(dtype: torch.dtype) -> float:
+    """Relative size, on an equilibrated matrix, below which an eigenvalue (or squared
+    pivot) counts as zero for data of ``dtype``: ``1e3 eps``, but at most ``1e-12`` and at
+    least ``4 eps``.
+
+    In float64 that is ``2.2e-13``, far above the rounding noise of a singular matrix
+    formed by automatic differentiation (``~10 eps``), so condition numbers up to ``4e12``
+    are solved and singular matrices are recognised; in float32, ``4.8e-7``, so condition
+    numbers up to ``2e6`` are solved — a float32 matrix closer to singular than that cannot
+    be told from a singular one.
+    """
+    eps = working_eps(dtype)
+    return max(4.0 * eps, min(1e3 * eps, 1e-12))
+
+
 def default_rcond(dtype: torch.dtype) -> float:
-    """Relative eigenvalue cut-off below which a symmetric matrix counts as singular."""
-    return 1e3 * torch.finfo(dtype).eps
+    """Relative eigenvalue cut-off of the pseudo-inverse (see :func:`singular_tol`)."""
+    return singular_tol(dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dense factorisations run in float64 (complex128) whatever the data's precision:
+    ill-conditioned float32 systems are then solved as well as their data allow."""
+    return torch.complex128 if dtype.is_complex else torch.float64
 
 
 def _residual_tol(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
-def solve_cholesky(
-    matrix: Tensor, rhs: Tensor, rcond: float | None = None
-) -> tuple[Tensor, Tensor]:
-    """Solve ``matrix @ x = rhs`` for symmetric positive definite matrices.
+def equilibrate(matrix: Tensor, iterations: int = 6) -> Tensor:
+    """Symmetric diagonal scaling ``s`` that makes ``diag(s) M diag(s)`` well scaled.
+
+    Ruiz's iteration: divide each row and column by the square root of its largest
+    magnitude until every row of the scaled matrix has largest entry ≈ 1. A matrix whose
+    entries span many orders of magnitude only because of the scale of its variables (a
+    Hessian ``diag(1, 1e-4, 1)``, a transport plan's ``1/P``) becomes well conditioned, so
+    singularity is judged on the scaled matrix, relative to the dtype. Zero rows keep
+    ``s = 1``.
 
     Args:
-        matrix: ``(B, M, M)`` symmetric matrices.
-        rhs: ``(B, M, K)`` right-hand sides.
-        rcond: a sample whose Cholesky factor has ``(min diag / max diag)**2 < rcond``
-            is reported as not positive definite (numerically singular).
+        matrix: ``(B, n, n)``.
+        iterations: number of sweeps (each halves the log-spread of the row maxima).
 
     Returns:
-        ``(x, ok)``: ``x`` of shape ``(B, M, K)`` and ``ok`` of shape ``(B,)``, True where
-        the factorisation succeeded, is well conditioned and the solution is finite.
+        ``s`` of shape ``(B, n)``, positive, powers of two (so scaling is exact).
     """
-    rcond = default_rcond(matrix.dtype) if rcond is None else rcond
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    diag = factor.diagonal(dim1=-2, dim2=-1).abs()
-    ratio = (diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(matrix.dtype).tiny)) ** 2
-    ok = (info == 0) & (ratio > rcond)
-    # Samples whose factorisation failed get an identity factor so that the batched
-    # triangular solves below stay finite; their results are flagged and discarded.
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    factor = torch.where(ok[:, None, None], factor, eye)
-    x = torch.cholesky_solve(rhs, factor)
-    ok = ok & torch.isfinite(x).flatten(1).all(-1)
-    return x, ok
+    B, n = matrix.shape[0], matrix.shape[-1]
+    s = torch.ones(B, n, dtype=matrix.real.dtype if matrix.is_complex() else matrix.dtype,
+                   device=matrix.device)
+    if n == 0:
+        return s
+    mag = matrix.abs()
+    for _ in range(iterations):
+        rows = (mag * s.unsqueeze(-1) * s.unsqueeze(-2)).amax(-1)
+        rows = torch.where((rows > 0) & torch.isfinite(rows), rows, torch.ones_like(rows))
+        # Powers of two: the scaling itself introduces no rounding error.
+        s = s * torch.exp2(torch.round(-0.5 * torch.log2(rows)))
+    return s
 
 
-def solve_lu(
-    matrix: Tensor, rhs: Tensor, rcond: float | None = None
-) -> tuple[Tensor, Tensor]:
-    """Solve general square systems ``matrix @ x = rhs`` by LU with partial pivoting.
+class Factor:
+    """A batch of factorised (scaled) matrices: ``solve`` applies the inverse.
 
-    Args:
-        matrix: ``(B, M, M)``.
-        rhs: ``(B, M, K)``.
-        rcond: a sample whose pivots have ``min |U_ii| / max |U_ii| < rcond`` is reported as
+    Attributes:
+        ok: ``(B,)`` True where the factorisation succeeded and the scaled matrix is not
             numerically singular.
+    """
+
+    def __init__(self, kind: str, data: tuple[Tensor, ...], scale: Tensor, ok: Tensor) -> None:
+        self.kind = kind
+        self.data = data
+        self.scale = scale
+        self.ok = ok
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``M⁻¹ rhs`` for ``rhs`` ``(B, n, K)`` (garbage, but finite, where not ``ok``)."""
+        s = self.scale.unsqueeze(-1).to(rhs.dtype)
+        if self.kind == "cholesky":
+            z = torch.cholesky_solve(s * rhs, self.data[0])
+        else:
+            z = torch.linalg.lu_solve(self.data[0], self.data[1], s * rhs)
+        return s * z
+
+
+def _identity_where_bad(factor: Tensor, ok: Tensor) -> Tensor:
+    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    return torch.where(ok[:, None, None], factor, eye)
+
+
+def cholesky_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> Factor:
+    """Equilibrated Cholesky of symmetric positive definite matrices.
+
+    Args:
+        matrix: ``(B, n, n)`` symmetric.
+        tol: a sample whose scaled factor has ``(min diag / max diag)² ≤ tol`` is reported
+            as numerically singular (not positive definite).
+        scale: the equilibration ``s`` ``(B, n)``; computed when None.
 
     Returns:
-        ``(x, ok)`` with ``ok`` False where the matrix is (numerically) singular or ``x`` is
-        not finite. The caller must still check the residual.
+        A :class:`Factor`; ``ok`` False where the matrix is not (numerically) positive
+        definite after scaling.
     """
-    rcond = default_rcond(matrix.dtype) if rcond is None else rcond
-    lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+    s = equilibrate(matrix) if scale is None else scale
+    scaled = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
+    factor, info = torch.linalg.cholesky_ex(scaled)
+    diag = factor.diagonal(dim1=-2, dim2=-1).abs()
+    if diag.shape[-1]:
+        ratio = (diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(diag.dtype).tiny)) ** 2
+        ok = (info == 0) & (ratio > tol) & torch.isfinite(diag).all(-1)
+    else:
+        ok = info == 0
+    return Factor("cholesky", (_identity_where_bad(factor, ok),), s, ok)
+
+
+def lu_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> Factor:
+    """Equilibrated LU with partial pivoting (for symmetric indefinite KKT matrices).
+
+    Args:
+        matrix: ``(B, n, n)``.
+        tol: a sample whose scaled pivots have ``min |U_ii| / max |U_ii| ≤ tol`` is
+            reported as numerically singular.
+        scale: the symmetric equilibration ``s``; computed when None.
+    """
+    s = equilibrate(matrix) if scale is None else scale
+    scaled = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
+    lu, pivots, info = torch.linalg.lu_factor_ex(scaled)
     diag = lu.diagonal(dim1=-2, dim2=-1).abs()
-    ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(matrix.dtype).tiny)
-    ok = (info == 0) & (ratio > rcond)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    lu = torch.where(ok[:, None, None], lu, eye)
-    x = torch.linalg.lu_solve(lu, pivots, rhs)
-    ok = ok & torch.isfinite(x).flatten(1).all(-1)
-    return x, ok
+    if diag.shape[-1]:
+        ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(diag.dtype).tiny)
+        ok = (info == 0) & (ratio > tol) & torch.isfinite(diag).all(-1)
+    else:
+        ok = info == 0
+    return Factor("lu", (_identity_where_bad(lu, ok), pivots), s, ok)
+
+
+def solve_cholesky(matrix: Tensor, rhs: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Solve SPD systems ``matrix @ x = rhs`` (equilibrated Cholesky); ``(x, ok)``."""
+    f = cholesky_factor(matrix, tol)
+    x = f.solve(rhs)
+    return x, f.ok & torch.isfinite(x).flatten(1).all(-1)
+
+
+def solve_lu(matrix: Tensor, rhs: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Solve square systems ``matrix @ x = rhs`` (equilibrated LU); ``(x, ok)``.
+
+    The caller must still check the residual (batched LU has returned wrong answers
+    silently in some BLAS builds).
+    """
+    f = lu_factor(matrix, tol)
+    x = f.solve(rhs)
+    return x, f.ok & torch.isfinite(x).flatten(1).all(-1)
 
 
 def solve_symmetric_pinv(
-    matrix: Tensor, rhs: Tensor, rcond: float | None = None
+    matrix: Tensor, rhs: Tensor, rcond: float
 ) -> tuple[Tensor, Tensor]:
-    """Minimum-norm least-squares solution of symmetric systems via an eigendecomposition.
+    """Minimum-norm least-squares solution of symmetric systems (eq. 35 with ``Z = 0``).
 
-    Computes ``x = pinv(matrix) @ rhs`` (eq. 35 of the paper with ``Z = 0``), discarding
-    eigenvalues with ``|λ| <= rcond * max|λ|``. This is the fallback for singular
-    Hessians (§4.7.4) and non-regular points (§4.7.3), where the KKT matrix is
-    singular, and it is robust where a batched LU is not.
+    The rank is decided on the equilibrated matrix (eigenvalues ``|λ| ≤ rcond max|λ|`` of
+    ``diag(s) M diag(s)`` count as zero), so a well-posed but badly scaled matrix is never
+    truncated; the solution is the Moore–Penrose one of the matrix as given (its ``r``
+    largest eigenvalues in magnitude are inverted, ``r`` the rank).
 
     Args:
         matrix: ``(B, M, M)`` symmetric (only the lower triangle is read).
         rhs: ``(B, M, K)``.
-        rcond: relative cut-off; defaults to :func:`default_rcond`.
+        rcond: relative cut-off on the scaled matrix (see :func:`default_rcond`).
 
     Returns:
         ``(x, truncated)``: ``x`` of shape ``(B, M, K)``, and ``truncated`` ``(B,)`` True
-        where at least one eigenvalue was discarded (the system was singular).
+        where the matrix was singular (at least one eigenvalue discarded).
     """
-    rcond = default_rcond(matrix.dtype) if rcond is None else rcond
+    n = matrix.shape[-1]
+    if n == 0:
+        return rhs.clone(), torch.zeros(matrix.shape[0], dtype=torch.bool, device=matrix.device)
+    s = equilibrate(matrix)
+    scaled_evals = torch.linalg.eigvalsh(s.unsqueeze(-1) * matrix * s.unsqueeze(-2))
+    big = scaled_evals.abs().amax(-1, keepdim=True)
+    rank = (scaled_evals.abs() > rcond * big).sum(-1)
     evals, evecs = torch.linalg.eigh(matrix)
-    scale = evals.abs().amax(-1, keepdim=True)
-    keep = evals.abs() > rcond * scale
+    order = evals.abs().argsort(-1, descending=True)
+    position = torch.empty_like(order)
+    position.scatter_(-1, order, torch.arange(n, device=order.device).expand_as(order))
+    keep = (position < rank.unsqueeze(-1)) & (evals != 0)
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
     x = evecs @ (inv.unsqueeze(-1) * (evecs.transpose(-2, -1) @ rhs))
-    truncated = (~keep).any(-1)
-    return x, truncated
+    return x, rank < n
 
 
-def residual_ok(matrix: Tensor, x: Tensor, rhs: Tensor, tol: float | None = None) -> Tensor:
-    """Per-sample test ``‖A x − b‖ ≤ tol (‖A‖ ‖x‖ + ‖b‖)`` (Frobenius norms).
+def residual_ok(matrix: Tensor, x: Tensor, rhs: Tensor, tol: float | None = None,
+                scale: Tensor | None = None) -> Tensor:
+    """Per-sample test ``‖S(A x − b)‖ ≤ tol (‖S A S‖ ‖S⁻¹x‖ + ‖S b‖)`` (Frobenius norms).
+
+    With ``S = diag(scale)`` the test is invariant to the scaling of the variables.
 
     Args:
         matrix: ``(B, M, M)``; x, rhs: ``(B, M, K)``.
         tol: relative tolerance; defaults to ``sqrt(eps)`` of the dtype.
+        scale: ``(B, M)`` an equilibration of ``matrix`` (identity when None).
 
     Returns:
         ``(B,)`` boolean, False where the residual is too large or not finite.
     """
     tol = _residual_tol(matrix.dtype) if tol is None else tol
-    res = torch.linalg.matrix_norm(matrix @ x - rhs)
-    bound = tol * (torch.linalg.matrix_norm(matrix) * torch.linalg.matrix_norm(x)
-                   + torch.linalg.matrix_norm(rhs))
+    if scale is None:
+        scale = torch.ones(matrix.shape[:2], dtype=x.dtype, device=x.device)
+    s = scale.unsqueeze(-1).to(x.dtype)
+    res = torch.linalg.matrix_norm(s * (matrix @ x - rhs))
+    scaled = s * matrix * s.transpose(-2, -1)
+    bound = tol * (torch.linalg.matrix_norm(scaled) * torch.linalg.matrix_norm(x / s)
+                   + torch.linalg.matrix_norm(s * rhs))
     return torch.isfinite(res) & (res <= bound)
 
 
@@ -172,8 +290,10 @@ def conjugate_gradient(
     rtol: float,
     maxiter: int,
     scale: Tensor | None = None,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, IterativeInfo]:
-    """Batched conjugate gradients for symmetric positive definite operators.
+    """Batched (preconditioned) conjugate gradients for symmetric positive definite
+    operators.
 
     Each sample has its own step sizes; samples that have converged stop changing
     while the rest iterate. One ``matvec`` per iteration for the whole batch.
@@ -185,13 +305,21 @@ def conjugate_gradient(
         maxiter: iteration limit.
         scale: ``(B,)`` norms that ``rtol`` is relative to (default ``‖b‖``); a projected
             solve passes the norm of the unprojected right-hand side.
+        preconditioner: applies ``M⁻¹`` (symmetric positive definite, e.g. the inverse
+            of the diagonal: Jacobi) to ``(B, M)`` vectors; the residual tested is still
+            the unpreconditioned one.
 
     Returns:
         ``(x, info)`` with ``x`` of shape ``(B, M)``.
     """
+    def precond(u: Tensor) -> Tensor:
+        return u if preconditioner is None else preconditioner(u)
+
     x = torch.zeros_like(rhs)
     r = rhs.clone()
-    p = r.clone()
+    z = precond(r)
+    p = z.clone()
+    rz = _bdot(r, z)
     rr = _bdot(r, r)
     bnorm = rr.sqrt().squeeze(-1) if scale is None else scale
     target = (rtol * bnorm) ** 2
@@ -207,13 +335,16 @@ def conjugate_gradient(
         pap = _bdot(p, ap)
         negative = negative | (active & (pap.squeeze(-1) <= 0))
         step_ok = (active & (pap.squeeze(-1) > 0)).unsqueeze(-1)
-        alpha = torch.where(step_ok, rr / pap.where(step_ok, torch.ones_like(pap)), 0.0)
+        alpha = torch.where(step_ok, rz / pap.where(step_ok, torch.ones_like(pap)), 0.0)
         x = x + alpha * p
         r = r - alpha * ap
-        rr_new = _bdot(r, r)
-        beta = torch.where(step_ok, rr_new / rr.clamp_min(tiny), 0.0)
-        p = torch.where(step_ok, r + beta * p, p)
-        rr = torch.where(step_ok, rr_new, rr)
+        z = precond(r)
+        rz_new = _bdot(r, z)
+        beta = torch.where(step_ok, rz_new / rz.where(rz.abs() > tiny, torch.ones_like(rz)),
+                           0.0)
+        p = torch.where(step_ok, z + beta * p, p)
+        rz = torch.where(step_ok, rz_new, rz)
+        rr = torch.where(step_ok, _bdot(r, r), rr)
         active = step_ok.squeeze(-1) & (rr.squeeze(-1) > target)
     residual = rr.squeeze(-1).sqrt() / bnorm.clamp_min(tiny)
     converged = (rr.squeeze(-1) <= target) & ~negative

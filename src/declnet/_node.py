@@ -9,12 +9,14 @@ conditions (Propositions 4.4–4.6 of the paper).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ._diagnostics import check_batched, node_name
+from ._implicit import jacobian as _jacobian
+from ._modes import ImplicitBackward, UnrolledBackward, check_mode
 from ._solution import Solution
 
 __all__ = [
@@ -22,7 +24,7 @@ __all__ = [
     "EqualityConstrainedNode",
     "InequalityConstrainedNode",
     "LinearEqualityConstrainedNode",
-    "Solution",
+    "declarative",
 ]
 
 
@@ -64,6 +66,22 @@ class DeclarativeNode(nn.Module):
         >>> Mean()(x).sum().backward()                 # x.grad == 1/10 everywhere
     """
 
+    #: The kinds of constraints the class may define ("equality", "inequality").
+    _constraint_kinds: ClassVar[frozenset[str]] = frozenset()
+    #: True for nodes with fixed linear constraints ``A y = d`` (no multipliers needed).
+    _linear_constraints: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for kind, base in (("equality", "EqualityConstrainedNode (or InequalityConstrainedNode)"),
+                           ("inequality", "InequalityConstrainedNode")):
+            if f"{kind}_constraints" in cls.__dict__ and kind not in cls._constraint_kinds:
+                raise TypeError(
+                    f"{cls.__name__} defines `{kind}_constraints`, but derives from "
+                    f"{cls.__mro__[1].__name__}, which has no {kind} constraints: they would be "
+                    f"ignored. Derive from declnet.{base} instead."
+                )
+
     def __init__(
         self,
         *,
@@ -72,8 +90,12 @@ class DeclarativeNode(nn.Module):
         optimality_tol: float | None = None,
     ) -> None:
         super().__init__()
-        from ._implicit import ImplicitBackward
-
+        if backward is not None and not isinstance(backward, (ImplicitBackward,
+                                                                UnrolledBackward)):
+            raise TypeError(
+                f"{node_name(self)}: backward must be declnet.ImplicitBackward(...) or "
+                f"declnet.UnrolledBackward(), got {type(backward).__name__}."
+            )
         self.backward_mode = ImplicitBackward() if backward is None else backward
         self.check_optimality = check_optimality
         self.optimality_tol = optimality_tol
@@ -122,8 +144,6 @@ class DeclarativeNode(nn.Module):
         Returns:
             ``y`` of shape ``(B, ...)`` as returned by ``solve``.
         """
-        from ._function import declarative
-
         return declarative(self, *xs)
 
     def jacobian(self, *xs: Any) -> Tensor | tuple[Tensor, ...]:
@@ -141,9 +161,7 @@ class DeclarativeNode(nn.Module):
             (a tuple when there are several tensor inputs). For a 0-d (shared) input the
             trailing dimensions are empty and the entries are per-sample derivatives.
         """
-        from ._implicit import jacobian
-
-        return jacobian(self, xs)
+        return _jacobian(self, xs)
 
 
 def _feasibility_objective(self: DeclarativeNode, *xs: Any, y: Tensor) -> Tensor:
@@ -173,6 +191,7 @@ class EqualityConstrainedNode(DeclarativeNode):
     """
 
     objective = _feasibility_objective
+    _constraint_kinds = frozenset({"equality"})
 
     @property
     def has_equality_constraints(self) -> bool:
@@ -204,6 +223,7 @@ class InequalityConstrainedNode(DeclarativeNode):
     """
 
     objective = _feasibility_objective
+    _constraint_kinds = frozenset({"equality", "inequality"})
 
     @property
     def has_inequality_constraints(self) -> bool:
@@ -239,6 +259,8 @@ class LinearEqualityConstrainedNode(DeclarativeNode):
         **kwargs: passed to :class:`DeclarativeNode`.
 
     Subclasses implement ``objective`` and ``solve``; ``equality_constraints`` is provided.
+    The constraints are recognised as linear by the class, not by the presence of a
+    ``constraint_matrix`` method.
 
     Example:
         >>> class MinKL(declnet.LinearEqualityConstrainedNode):   # y on the simplex
@@ -248,6 +270,9 @@ class LinearEqualityConstrainedNode(DeclarativeNode):
         ...         return torch.softmax(x, -1)
         >>> node = MinKL(torch.ones(1, 5), torch.ones(1))
     """
+
+    _constraint_kinds = frozenset({"equality"})
+    _linear_constraints = True
 
     def __init__(self, A: Tensor, d: Tensor, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -287,3 +312,29 @@ class LinearEqualityConstrainedNode(DeclarativeNode):
         d = self.d.to(flat.dtype).expand(batch, A.shape[1])
         return check_batched(self, "equality_constraints", (A @ flat.unsqueeze(-1)).squeeze(-1) - d,
                              batch, 2)
+
+
+def declarative(node: Any, *xs: Any) -> Tensor:
+    """Evaluate a declarative node functionally: ``y = argmin`` for inputs ``xs``.
+
+    Equivalent to ``node(*xs)``. With :class:`~declnet.ImplicitBackward` (the default) the
+    result is differentiated implicitly; with :class:`~declnet.UnrolledBackward` the
+    node's ``solve`` runs with autograd enabled and is back-propagated through.
+
+    Args:
+        node: a :class:`~declnet.DeclarativeNode`.
+        *xs: its inputs, batched along the first dimension.
+
+    Returns:
+        ``y`` ``(B, ...)``.
+
+    Raises:
+        TypeError: ``node`` is not a declarative node, or ``solve`` returned no tensor.
+        ValueError: inputs disagree on the batch size, ``y`` has the wrong batch size or is
+            not finite.
+    """
+    if not isinstance(node, DeclarativeNode):
+        raise TypeError(
+            f"declarative() expects a declnet.DeclarativeNode, got {type(node).__name__}."
+        )
+    return check_mode(node).apply(node, xs)

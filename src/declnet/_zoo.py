@@ -264,7 +264,7 @@ class CubicFeasibility(EqualityConstrainedNode):
 
     ``Dy = diag(1 / (3y² + 1))``. With ``redundant=True`` the sum of the constraints is added
     as one more (consistent but linearly dependent) constraint: ``p > m``, a non-regular
-    point where the engine uses least squares (§4.7.3) and warns.
+    point where the engine drops the dependent row (§4.7.3) and the gradient stays exact.
     """
 
     def __init__(self, redundant: bool = False, **kwargs) -> None:

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ._diagnostics import node_name
-from ._function import solve_node
-from ._implicit import _vjp, optimality_residual
+from ._implicit import implicit_vjp, optimality_residual
+from ._running import solve_node
 from ._zoo import (
     BallHalfspaceProjection,
     CircleLinearObjective,
@@ -53,7 +53,8 @@ __all__ = [
 
 
 def finite_difference_vjp(
-    node: Any, xs: Sequence[Any], grad_y: Tensor, eps: float = 1e-6
+    node: Any, xs: Sequence[Any], grad_y: Tensor, eps: float = 1e-6,
+    wrt: Sequence[bool] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """``grad_y · Dy(x)`` by central differences of ``node.solve``.
 
@@ -62,17 +63,20 @@ def finite_difference_vjp(
 
     Args:
         node: a declarative node.
-        xs: inputs; every floating tensor is differentiated (0-d tensors too).
+        xs: inputs; every floating tensor is differentiated (0-d tensors too) unless
+            ``wrt`` says otherwise.
         grad_y: ``(B, ...)`` shaped like ``y``.
         eps: step size (use float64 inputs).
+        wrt: which inputs to differentiate (default: every floating tensor).
 
     Returns:
-        One tensor per input shaped like it (``None`` for non-float inputs).
+        One tensor per input shaped like it (``None`` for inputs not differentiated).
     """
     xs = list(xs)
     out: list[Tensor | None] = []
     for i, x in enumerate(xs):
-        if not (isinstance(x, Tensor) and x.is_floating_point()):
+        if not (isinstance(x, Tensor) and x.is_floating_point()) or (wrt is not None
+                                                                     and not wrt[i]):
             out.append(None)
             continue
         x0 = x.detach()
@@ -93,6 +97,35 @@ def finite_difference_vjp(
     return tuple(out)
 
 
+def _finite_difference_params(node: Any, xs: Sequence[Any], grad_y: Tensor, eps: float,
+                              params: Sequence[Tensor]) -> list[Tensor]:
+    """``grad_y · Dy(θ)`` by central differences for each parameter ``θ`` of the node."""
+    out = []
+    for p in params:
+        grad = torch.zeros_like(p)
+        flat, gflat = p.data.view(-1), grad.view(-1)
+        for j in range(flat.numel()):
+            keep = flat[j].item()
+            vals = []
+            for sign in (1.0, -1.0):
+                flat[j] = keep + sign * eps
+                vals.append(solve_node(node, xs).y)
+            flat[j] = keep
+            gflat[j] = (grad_y * (vals[0] - vals[1])).sum() / (2 * eps)
+        out.append(grad)
+    return out
+
+
+def _probe(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fixed, irregular probe direction that no random draw of the user's reproduces."""
+    n = 1
+    for s in shape:
+        n *= s
+    k = torch.arange(n, dtype=torch.float64)
+    probe = torch.sin(2.399963229728653 * k + 0.5) + 0.25 * torch.cos(0.7071 * k * k + 1.0)
+    return probe.reshape(shape).to(dtype=dtype, device=device)
+
+
 @dataclass
 class GradientCheck:
     """Result of :func:`check_gradients`.
@@ -101,8 +134,10 @@ class GradientCheck:
         passed: every error is within tolerance.
         max_abs_error: largest ``|implicit − finite difference|`` over all inputs.
         max_rel_error: that error relative to ``max |finite difference|`` (per input).
-        implicit: the implicit gradients, one per input.
-        numerical: the finite-difference gradients, one per input.
+        implicit: the implicit gradients, one per input (then one per parameter checked).
+        numerical: the finite-difference gradients, in the same order.
+        names: what each entry is (``"input 0"``, ``"parameter W"``, ...).
+        failed: the names of the entries that failed.
     """
 
     passed: bool
@@ -110,11 +145,14 @@ class GradientCheck:
     max_rel_error: float
     implicit: tuple[Tensor | None, ...]
     numerical: tuple[Tensor | None, ...]
+    names: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         status = "passed" if self.passed else "FAILED"
+        where = f" (failed: {', '.join(self.failed)})" if self.failed else ""
         return (f"gradient check {status}: max abs error {self.max_abs_error:.3e}, "
-                f"max rel error {self.max_rel_error:.3e}")
+                f"max rel error {self.max_rel_error:.3e}{where}")
 
 
 def check_gradients(
@@ -125,41 +163,66 @@ def check_gradients(
     atol: float = 1e-5,
     rtol: float = 1e-4,
     raise_exception: bool = True,
-    seed: int = 0,
+    wrt: Sequence[int] | None = None,
+    parameters: bool = True,
 ) -> GradientCheck:
     """Compare a node's implicit gradient with finite differences of its ``solve``.
 
     Args:
         node: a declarative node.
         *xs: its inputs; use float64 for meaningful tolerances.
-        grad_y: the vector ``v`` of ``v · Dy``; random (seeded) if None.
+        grad_y: the vector ``v`` of ``v · Dy``; by default a fixed irregular direction
+            (not a random draw, which could coincide with the user's own inputs).
         eps: finite-difference step.
         atol: absolute tolerance.
         rtol: tolerance relative to the largest finite-difference entry of each input.
         raise_exception: raise ``AssertionError`` with the report when the check fails.
-        seed: seed of the random ``grad_y``.
+        wrt: indices of the inputs to check (default: every floating-point tensor input).
+        parameters: also check the node's learnable parameters (``nn.Parameter`` s that
+            require grad).
 
     Returns:
-        A :class:`GradientCheck` with the worst errors.
+        A :class:`GradientCheck` with the worst errors and the names of what failed.
 
     Raises:
         AssertionError: the gradients disagree and ``raise_exception`` is True.
+        ValueError: ``wrt`` names an input that is not a floating-point tensor.
 
     Example:
         >>> report = declnet.testing.check_gradients(node, x.double())
         >>> print(report)   # gradient check passed: max abs error 3.1e-10, ...
     """
+    floating = [isinstance(x, Tensor) and x.is_floating_point() for x in xs]
+    if wrt is None:
+        need = floating
+    else:
+        need = [False] * len(xs)
+        for i in wrt:
+            if not (isinstance(i, int) and -len(xs) <= i < len(xs)) or not floating[i]:
+                raise ValueError(
+                    f"check_gradients: wrt must list indices of floating-point tensor inputs "
+                    f"(0..{len(xs) - 1}); got {i!r}."
+                )
+            need[i] = True
     solution = solve_node(node, xs)
     y = solution.y
     if grad_y is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        grad_y = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
-    need = [isinstance(x, Tensor) and x.is_floating_point() for x in xs]
-    implicit, _ = _vjp(node, xs, y, grad_y, solution, (), None, need)
-    numerical = finite_difference_vjp(node, xs, grad_y, eps)
+        grad_y = _probe(y.shape, y.dtype, y.device)
+    params = [p for p in node.parameters() if p.requires_grad] if parameters and isinstance(
+        node, torch.nn.Module) else []
+    grads = implicit_vjp(node, *xs, y=y, grad_y=grad_y, solution=solution, params=params,
+                         wrt=need)
+    implicit = list(grads[:len(xs)])
+    numerical = list(finite_difference_vjp(node, xs, grad_y, eps, wrt=need))
+    names = [f"input {i}" for i in range(len(xs))]
+    if params:
+        implicit += list(grads[len(xs):])
+        numerical += _finite_difference_params(node, xs, grad_y, eps, params)
+        lookup = {id(p): n for n, p in node.named_parameters()}
+        names += [f"parameter {lookup.get(id(p), '?')}" for p in params]
     max_abs = max_rel = 0.0
-    passed = True
-    for imp, num in zip(implicit, numerical):
+    failed = []
+    for name, imp, num in zip(names, implicit, numerical):
         if num is None:
             continue
         imp = torch.zeros_like(num) if imp is None else imp
@@ -167,9 +230,10 @@ def check_gradients(
         scale = float(num.abs().max()) if num.numel() else 0.0
         max_abs = max(max_abs, err)
         max_rel = max(max_rel, err / scale if scale > 0 else err)
-        passed = passed and err <= atol + rtol * scale
-    report = GradientCheck(passed, max_abs, max_rel, tuple(implicit), numerical)
-    if raise_exception and not passed:
+        if not err <= atol + rtol * scale:
+            failed.append(name)
+    report = GradientCheck(not failed, max_abs, max_rel, tuple(implicit), tuple(numerical),
+                           tuple(names), tuple(failed))
+    if raise_exception and failed:
         raise AssertionError(f"{node_name(node)}: {report}")
     return report
-

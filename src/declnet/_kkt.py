@@ -1,0 +1,431 @@
+"""Solving the KKT system of the implicit backward pass, per sample, batched.
+
+With ``H = D²_YY L``, ``A = D_Y h̃`` (rows of unused constraints zeroed) and ``D = 1`` on
+the diagonal of unused rows, the backward pass needs (§6.1 of the paper)::
+
+    [ H  Aᵀ ] [w₁]   [v]
+    [ A  D  ] [w₂] = [0]
+
+The solver follows from what is known about ``H`` (see ``_operators``):
+
+- declared diagonal, or with its own ``solve`` (a factor from the forward pass):
+  the Schur complement ``S = A H⁻¹ Aᵀ`` (``c × c``), no ``m × m`` matrix;
+- dense (declared, or formed by automatic differentiation for small ``m``): equilibrated
+  Cholesky of ``H`` and of ``S``, or equilibrated LU of the whole KKT matrix when ``H`` is
+  indefinite, all in float64, each solve checked by its scaled residual;
+- otherwise matrix-free CG (projected onto ``null(A)``; Jacobi-preconditioned when the
+  diagonal is known) or MINRES, falling back to the dense solve when it does not converge
+  and the dense system fits the memory budget.
+
+Singularity is judged on equilibrated matrices relative to the data's dtype. Dependent
+active constraints (a non-regular point, §4.7.3) are reported to the caller, which drops
+them; what is still singular after that is solved by the pseudo-inverse (eq. 35) with a
+:class:`~declnet.DeclarativeWarning`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _linalg
+from ._diagnostics import warn
+from ._operators import DenseOperator, LinearOperator
+from ._problem import Problem
+
+__all__ = ["KKTResult", "solve_kkt"]
+
+
+@dataclass
+class KKTResult:
+    """``w`` ``(B, m + c, K)`` and, per sample, whether the active constraints were found
+    linearly dependent (``dependent``), with the matrix that showed it (``metric``, the
+    Schur complement or the Gram matrix ``A Aᵀ``, ``(B, c, c)``)."""
+
+    w: Tensor
+    dependent: Tensor
+    metric: Tensor | None = None
+
+
+def _eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def _kkt_matrix(H: Tensor, A: Tensor, dvec: Tensor) -> Tensor:
+    top = torch.cat([H, A.transpose(1, 2)], 2)
+    bottom = torch.cat([A, torch.diag_embed(dvec)], 2)
+    return torch.cat([top, bottom], 1)
+
+
+def _replace(x: Tensor, mask: Tensor, values: Tensor) -> Tensor:
+    out = x.clone()
+    out[mask] = values
+    return out
+
+
+def _tol(prob: Problem) -> float:
+    return _linalg.singular_tol(prob.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The Hessian
+# ---------------------------------------------------------------------------------------
+
+
+def hessian_operator(prob: Problem) -> LinearOperator | None:
+    """The declared Hessian of the Lagrangian, damped, or None when nothing is declared."""
+    op = prob.declared_hessian()
+    damping = prob.options.damping
+    if op is not None and damping:
+        op = op.add_identity(damping)
+    return op
+
+
+def dense_hessian(prob: Problem, op: LinearOperator | None) -> Tensor | None:
+    """``H`` ``(B, m, m)`` in the compute dtype: the declared one, or ``m`` Hessian-vector
+    products by automatic differentiation in chunks under the memory budget (None if the
+    objective has an op without a batching rule)."""
+    cd = _linalg.compute_dtype(prob.dtype)
+    if op is not None:
+        return op.to_dense().to(cd)
+    B, m = prob.batch, prob.m
+    itemsize = torch.finfo(prob.dtype).bits // 8
+    per_column = max(1, 16 * B * m * itemsize)  # a generous guess of one HVP's footprint
+    chunk = int(max(1, min(m, prob.options.memory_budget // per_column)))
+    eye = _eye(m, prob.y_flat)
+    blocks = []
+    for start in range(0, m, chunk):  # chunks only bound memory; one chunk when it fits
+        cols = eye[start:start + chunk].unsqueeze(1).expand(-1, B, m)
+        rows = prob.hessian_columns(cols)
+        if rows is None:
+            warn(prob.node, "batched Hessian-vector products are not supported by the "
+                 "objective; using the matrix-free solver instead.")
+            return None
+        blocks.append(rows)
+    H = torch.cat(blocks, 0).transpose(0, 1).to(cd)
+    H = 0.5 * (H + H.transpose(1, 2))
+    if prob.options.damping:
+        H = H + prob.options.damping * _eye(m, H)
+    return H
+
+
+# ---------------------------------------------------------------------------------------
+# Dense and structured solves
+# ---------------------------------------------------------------------------------------
+
+
+def _schur(prob: Problem, hsolve, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve by the Schur complement given ``hsolve = H⁻¹ ·``; returns ``(w, ok_s, S, H⁻¹A)``."""
+    m = prob.m
+    A = prob.A.detach().to(rhs.dtype)
+    dvec = prob.inactive_diagonal.to(rhs.dtype)
+    v, z = rhs[:, :m], rhs[:, m:]
+    K = v.shape[2]
+    both = hsolve(torch.cat([v, A.transpose(1, 2)], 2))
+    hv, hat = both[:, :, :K], both[:, :, K:]
+    S = A @ hat + torch.diag_embed(dvec)
+    S = 0.5 * (S + S.transpose(1, 2))
+    sf = _linalg.cholesky_factor(S, _tol(prob))
+    w2 = sf.solve(A @ hv - z)
+    w1 = hv - hat @ w2
+    w = torch.cat([w1, w2], 1)
+    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    return w, ok, S, hat
+
+
+def _gram_dependent(prob: Problem, rows: Tensor) -> Tensor:
+    """``(n,)`` True where the used constraint rows of samples ``rows`` are dependent."""
+    cd = _linalg.compute_dtype(prob.dtype)
+    A = prob.A.detach()[rows].to(cd)
+    gram = A @ A.transpose(1, 2) + torch.diag_embed(prob.inactive_diagonal[rows].to(cd))
+    return ~_linalg.cholesky_factor(gram, _tol(prob)).ok
+
+
+def _singular_fallback(prob: Problem, K: Tensor, rhs: Tensor, w: Tensor, bad: Tensor) -> Tensor:
+    """Re-solve the samples flagged ``bad`` by the pseudo-inverse, and say so."""
+    if not bool(bad.any()):
+        return w
+    sol, truncated = _linalg.solve_symmetric_pinv(K[bad], rhs[bad],
+                                                  prob.options.rcond_for(prob.dtype))
+    n_sing = int(truncated.sum())
+    if n_sing:
+        what = ("the Hessian is singular (§4.7.4)" if prob.c == 0 else
+                "the KKT matrix is singular: a singular reduced Hessian or a non-regular point "
+                "(dependent active constraints, §4.7.3)")
+        warn(prob.node, f"{what} for {n_sing} of {prob.batch} samples, judged after "
+             "equilibration; the gradient uses the pseudo-inverse (eq. 35), a descent direction "
+             "rather than a unique derivative. Consider ImplicitBackward(damping=...) or a "
+             "reformulation with a unique solution.")
+    elif int(bad.sum()):
+        warn(prob.node, f"the dense solve failed its residual check for {int(bad.sum())} of "
+             f"{prob.batch} samples although the matrix is not singular; re-solved them with a "
+             "symmetric eigendecomposition.")
+    return _replace(w, bad, sol)
+
+
+def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
+                 allow_drop: bool) -> KKTResult:
+    """Solve densely in the compute dtype; ``H`` ``(B, m, m)``, ``rhs`` ``(B, m + c, K)``."""
+    tol = _tol(prob)
+    A = prob.A.detach().to(H.dtype)
+    dvec = prob.inactive_diagonal.to(H.dtype)
+    K = _kkt_matrix(H, A, dvec) if prob.c else H
+    no = torch.zeros(prob.batch, dtype=torch.bool, device=H.device)
+    if method == "lstsq":
+        sol, truncated = _linalg.solve_symmetric_pinv(K, rhs, prob.options.rcond_for(prob.dtype))
+        if bool(truncated.any()):
+            warn(prob.node, f"the KKT matrix is singular for {int(truncated.sum())} of "
+                 f"{prob.batch} samples; the gradient uses the pseudo-inverse (eq. 35).")
+        return KKTResult(sol, no)
+
+    dependent = no.clone()
+    metric = None
+    if method == "cholesky":
+        hf = _linalg.cholesky_factor(H, tol)
+        if prob.c == 0:
+            w = hf.solve(rhs)
+            ok = hf.ok
+        else:
+            w, ok_s, S, _ = _schur(prob, hf.solve, rhs)
+            ok = hf.ok & ok_s
+            # H positive definite but S singular: the used constraint rows are dependent.
+            dependent = hf.ok & ~ok_s
+            metric = S
+        kscale = _linalg.equilibrate(K)
+        ok = ok & _linalg.residual_ok(K, w, rhs, scale=kscale)
+        bad = ~ok & ~dependent
+        if bool(bad.any()):  # H not positive definite: LU on the whole (scaled) KKT matrix
+            w_lu, ok_lu = _linalg.solve_lu(K[bad], rhs[bad], tol)
+            w = _replace(w, bad, w_lu)
+            ok = ok.clone()
+            ok[bad] = ok_lu
+    else:  # "lu"
+        w, ok = _linalg.solve_lu(K, rhs, tol)
+    kscale = _linalg.equilibrate(K)
+    ok = ok & _linalg.residual_ok(K, w, rhs, scale=kscale)
+    bad = ~ok & ~dependent
+    if prob.c and allow_drop and bool(bad.any()):
+        # A singular KKT matrix: dependent constraints are dropped by the caller, the rest
+        # (a singular reduced Hessian) goes to the pseudo-inverse.
+        idx = bad.nonzero().flatten()
+        dep = _gram_dependent(prob, idx)
+        if bool(dep.any()):
+            dependent = dependent.clone()
+            dependent[idx[dep]] = True
+            bad = bad & ~dependent
+    if bool(dependent.any()) and metric is None:
+        Ad = prob.A.detach().to(H.dtype)
+        metric = Ad @ Ad.transpose(1, 2) + torch.diag_embed(dvec)
+    if not allow_drop:
+        bad = bad | dependent
+        dependent = no
+    w = _singular_fallback(prob, K, rhs, w, bad)
+    return KKTResult(w, dependent, metric)
+
+
+def _solve_structured(prob: Problem, op: LinearOperator, rhs: Tensor,
+                      allow_drop: bool) -> KKTResult:
+    """``H`` declared with a cheap exact ``solve`` (diagonal, or a forward factor)."""
+    cd = _linalg.compute_dtype(prob.dtype)
+    no = torch.zeros(prob.batch, dtype=torch.bool, device=rhs.device)
+
+    def hsolve(b: Tensor) -> Tensor:
+        return op.solve(b.to(op.dtype)).to(cd) if op.dtype != cd else op.solve(b)
+
+    if prob.c == 0:
+        w = hsolve(rhs)
+        bad = ~torch.isfinite(w).flatten(1).all(-1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{type(prob.node).__name__}: the declared Hessian's solve returned NaN or Inf "
+                f"for {int(bad.sum())} of {prob.batch} samples; a declared Hessian must be "
+                "non-singular at the solution (add damping, or declare it only where it is)."
+            )
+        return KKTResult(w, no)
+    w, ok, S, _ = _schur(prob, hsolve, rhs)
+    dependent = ~ok
+    if not allow_drop and bool(dependent.any()):
+        # Dependent rows remain after dropping: the minimum-norm w₂ (pseudo-inverse of S).
+        bad = dependent
+        m = prob.m
+        A = prob.A.detach().to(cd)
+        hv = hsolve(rhs[:, :m][bad])
+        hat = hsolve(A[bad].transpose(1, 2))
+        w2, _ = _linalg.solve_symmetric_pinv(S[bad], A[bad] @ hv - rhs[:, m:][bad],
+                                             prob.options.rcond_for(prob.dtype))
+        w = _replace(w, bad, torch.cat([hv - hat @ w2, w2], 1))
+        warn(prob.node, f"the active constraints are linearly dependent for {int(bad.sum())} "
+             f"of {prob.batch} samples even after dropping dependent rows; using the "
+             "pseudo-inverse of the Schur complement (§4.7.3).")
+        dependent = no
+    return KKTResult(w, dependent, S)
+
+
+# ---------------------------------------------------------------------------------------
+# Matrix-free solves
+# ---------------------------------------------------------------------------------------
+
+
+def _report_iterative(prob: Problem, name: str, info: _linalg.IterativeInfo, rtol: float,
+                      fallback: str) -> None:
+    bad = ~info.converged
+    if bool(bad.any()):
+        warn(prob.node, f"{name} did not reach rtol={rtol:.1e} within {info.iterations} "
+             f"iterations for {int(bad.sum())} of {prob.batch} samples (worst relative residual "
+             f"{float(info.residual.max()):.2e}); {fallback}")
+
+
+def _dense_affordable(prob: Problem) -> bool:
+    n = prob.m + prob.c
+    return prob.batch * n * n * 8 * 3 <= prob.options.memory_budget and n <= 8192
+
+
+def _solve_matrix_free(prob: Problem, op: LinearOperator | None, v: Tensor,
+                       method: str) -> tuple[Tensor, bool]:
+    """Matrix-free CG / MINRES on ``v`` ``(B, m)``; returns ``(w, converged)``."""
+    opts = prob.options
+    m, c = prob.m, prob.c
+    rtol = opts.rtol_for(prob.dtype)
+    maxiter = opts.maxiter if opts.maxiter is not None else 2 * (m + c) + 10
+    A = prob.A.detach()
+    dvec = prob.inactive_diagonal
+    damping = opts.damping if op is None else 0.0
+
+    def hvp(u: Tensor) -> Tensor:
+        out = op.matvec(u) if op is not None else prob.hvp(u)
+        return out + damping * u if damping else out
+
+    def kkt(u: Tensor) -> Tensor:
+        u1, u2 = u[:, :m], u[:, m:]
+        top = hvp(u1) + (A.transpose(1, 2) @ u2.unsqueeze(-1)).squeeze(-1)
+        bottom = (A @ u1.unsqueeze(-1)).squeeze(-1) + dvec * u2
+        return torch.cat([top, bottom], 1)
+
+    can_fall_back = _dense_affordable(prob)
+    fallback = ("falling back to the dense solve." if can_fall_back else
+                "the gradient is approximate. Raise ImplicitBackward(maxiter=...), add "
+                "damping, or declare the Hessian's structure.")
+    if method == "cg":
+        if c == 0:
+            diag = op.diagonal() if op is not None else None
+            precond = None
+            if diag is not None:
+                inv = 1.0 / (diag + damping)
+                if bool((torch.isfinite(inv) & (inv > 0)).all()):
+                    def precond(u: Tensor, inv: Tensor = inv) -> Tensor:
+                        return inv * u
+            w, info = _linalg.conjugate_gradient(hvp, v, rtol, maxiter, preconditioner=precond)
+        else:
+            w, info = _projected_cg(prob, hvp, v, rtol, maxiter)
+        if not bool(info.negative_curvature.any()):
+            _report_iterative(prob, "CG", info, rtol, fallback)
+            return w, bool(info.converged.all())
+        warn(prob.node, "the (reduced) Hessian is not positive definite (CG met negative "
+             "curvature); switching to MINRES.")
+    rhs = torch.cat([v, v.new_zeros(prob.batch, c)], 1)
+    w, info = _linalg.minres(kkt if c else hvp, rhs, rtol, maxiter)
+    _report_iterative(prob, "MINRES", info, rtol, fallback)
+    return w, bool(info.converged.all())
+
+
+def _projected_cg(prob: Problem, hvp, v: Tensor, rtol: float,
+                  maxiter: int) -> tuple[Tensor, _linalg.IterativeInfo]:
+    """CG on the null space of ``A`` for the KKT system (constrained, matrix-free).
+
+    ``w₁ ∈ null(A)`` solves ``P H w₁ = P v`` with ``P = I − Aᵀ (AAᵀ)⁻¹ A``; then
+    ``w₂ = (AAᵀ)⁻¹ A (v − H w₁)``. Converges where the reduced Hessian is positive
+    definite, i.e. at a strict local minimum (second-order sufficient condition).
+    """
+    cd = _linalg.compute_dtype(prob.dtype)
+    A = prob.A.detach()
+    gram = (A.to(cd) @ A.to(cd).transpose(1, 2)
+            + torch.diag_embed(prob.inactive_diagonal.to(cd)))
+    eye = _eye(prob.c, gram).expand_as(gram)
+    gram_inv, ok = _linalg.solve_cholesky(gram, eye, _tol(prob))
+    if not bool(ok.all()):
+        gram_inv, _ = _linalg.solve_symmetric_pinv(gram, eye, prob.options.rcond_for(prob.dtype))
+        warn(prob.node, "the active constraint gradients are linearly dependent (a non-regular "
+             "point, §4.7.3); the matrix-free solve uses their pseudo-inverse.")
+    gram_inv = gram_inv.to(prob.dtype)
+
+    def coefficients(u: Tensor) -> Tensor:  # (AAᵀ)⁻¹ A u, (B, c)
+        return (gram_inv @ (A @ u.unsqueeze(-1))).squeeze(-1)
+
+    def project(u: Tensor) -> Tensor:
+        return u - (A.transpose(1, 2) @ coefficients(u).unsqueeze(-1)).squeeze(-1)
+
+    w1, info = _linalg.conjugate_gradient(lambda u: project(hvp(project(u))), project(v),
+                                          rtol, maxiter, scale=v.norm(dim=-1))
+    w1 = project(w1)
+    w2 = coefficients(v - hvp(w1))
+    return torch.cat([w1, w2], 1), info
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+
+def choose_method(prob: Problem, op: LinearOperator | None, force_dense: bool) -> str:
+    """The solver for this problem: ``"structured"``, ``"cholesky"``, ``"lu"``,
+    ``"lstsq"``, ``"cg"`` or ``"minres"``."""
+    method = prob.options.linear_solver
+    if method == "auto":
+        if op is not None and op.has_solve:
+            method = "structured"
+        elif isinstance(op, DenseOperator) or prob.m + prob.c <= prob.options.dense_max_size:
+            method = "cholesky"
+        else:
+            method = "cg"
+    if force_dense and method in ("cg", "minres"):
+        method = "cholesky"
+    return method
+
+
+def solve_kkt(prob: Problem, v: Tensor, *, force_dense: bool = False,
+              allow_drop: bool = True) -> KKTResult:
+    """Solve for ``w = [w₁; w₂]`` with right-hand sides ``v`` ``(B, m, K)``.
+
+    Args:
+        prob: the evaluated problem.
+        v: ``(B, m, K)`` ``dJ/dy`` for ``K`` right-hand sides (one factorisation serves all).
+        force_dense: use a dense solve even where ``"auto"`` would go matrix-free.
+        allow_drop: report dependent constraints (``KKTResult.dependent``) for the caller
+            to drop, instead of solving them by the pseudo-inverse.
+
+    Returns:
+        A :class:`KKTResult` with ``w`` ``(B, m + c, K)`` in the problem's dtype.
+    """
+    op = hessian_operator(prob)
+    method = choose_method(prob, op, force_dense)
+    cd = _linalg.compute_dtype(prob.dtype)
+    B, K = prob.batch, v.shape[2]
+    rhs = torch.cat([v, v.new_zeros(B, prob.c, K)], 1).to(cd)
+    if method == "structured":
+        res = _solve_structured(prob, op, rhs, allow_drop)
+    else:
+        H = None
+        if method in ("cholesky", "lu", "lstsq"):
+            H = dense_hessian(prob, op)
+            if H is None:
+                method = "minres"
+        if H is None:
+            cols = []
+            converged = True
+            for k in range(K):  # only jacobian() asks for several columns, and it goes dense
+                w, conv = _solve_matrix_free(prob, op, v[..., k], method)
+                cols.append(w)
+                converged = converged and conv
+            w = torch.stack(cols, -1)
+            no = torch.zeros(B, dtype=torch.bool, device=v.device)
+            if converged or not _dense_affordable(prob):
+                return KKTResult(w, no)
+            H = dense_hessian(prob, op)
+            if H is None:
+                return KKTResult(w, no)
+            method = "cholesky"
+        res = _solve_dense(prob, H, rhs, method, allow_drop)
+    res.w = res.w.to(prob.dtype)
+    return res

@@ -1,0 +1,314 @@
+"""A node's problem evaluated at ``(x, y)``: objective, constraints, their derivatives,
+the active set, the multipliers and the Hessian of the Lagrangian.
+
+This is what the backward pass (``_kkt``, ``_implicit``) and the optimality checks work
+on. Everything is batched: ``y`` is flattened to ``(B, m)``, constraints are ``(B, c)``
+with ``c = p + q`` (equalities first), and ``A = D_Y h̃`` is ``(B, c, m)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _linalg
+from ._diagnostics import OptimalityResidual, check_batched, node_name
+from ._operators import LinearOperator, as_operator
+
+__all__ = ["Problem"]
+
+
+def _has_linear_constraints(node: Any) -> bool:
+    """True only for nodes whose class declares fixed linear constraints ``A y = d``."""
+    return getattr(type(node), "_linear_constraints", False) is True
+
+
+class Problem:
+    """The objective, constraints and their first derivatives at ``(x, y)`` for a batch.
+
+    Holds leaves ``xs_d`` (detached copies of the inputs; those that need gradients
+    require grad) and ``y_flat`` ``(B, m)`` requiring grad, and evaluates
+
+    - ``f`` ``(B,)``, ``h̃ = [h; g]`` ``(B, c)`` with graphs,
+    - ``gf = D_Y f`` ``(B, m)`` and ``A = D_Y h̃`` ``(B, c, m)`` (no graph kept),
+    - the active mask ``(B, c)`` and multipliers λ ``(B, c)`` (masked to the active set).
+
+    Args:
+        node: the declarative node.
+        xs: its inputs.
+        y: ``(B, ...)`` the solution.
+        options: an :class:`~declnet.ImplicitBackward` (tolerances, damping).
+        solution: the :class:`~declnet.Solution` from ``solve`` (multipliers, active set,
+            Hessian), if any.
+        need_grad: which inputs are differentiated (default: those requiring grad).
+    """
+
+    def __init__(
+        self,
+        node: Any,
+        xs: Sequence[Any],
+        y: Tensor,
+        options: Any,
+        solution: Any = None,
+        need_grad: Sequence[bool] | None = None,
+    ) -> None:
+        self.node = node
+        self.options = options
+        self.solution = solution
+        self.batch = y.shape[0]
+        self.y_shape = y.shape
+        self.m = y[0].numel() if y.dim() > 1 else 1
+        self.dtype = y.dtype
+        self.device = y.device
+        if need_grad is None:
+            need_grad = [isinstance(x, Tensor) and x.requires_grad for x in xs]
+        self.xs_d = [
+            x.detach().requires_grad_(bool(ng)) if isinstance(x, Tensor) else x
+            for x, ng in zip(xs, need_grad)
+        ]
+        self.y_flat = y.detach().reshape(self.batch, self.m).clone().requires_grad_(True)
+        with torch.enable_grad():
+            self.y_in = self.y_flat.view(self.y_shape)
+        self.linear = _has_linear_constraints(node)
+
+        with torch.enable_grad():
+            self.f = self._objective()
+            self.h = self._constraints("equality_constraints") if node.has_equality_constraints \
+                else None
+            self.g = self._constraints("inequality_constraints") \
+                if node.has_inequality_constraints else None
+            parts = [t for t in (self.h, self.g) if t is not None]
+            self.htil = torch.cat(parts, 1) if parts else self.y_flat.new_zeros(self.batch, 0)
+        self.p = 0 if self.h is None else self.h.shape[1]
+        self.q = 0 if self.g is None else self.g.shape[1]
+        self.c = self.p + self.q
+
+        # Without (nonlinear) constraints D_Y L = D_Y f: one backward with a graph serves both.
+        self._grad_l: Tensor | None = None
+        with torch.enable_grad():
+            if self.c == 0 or self.linear:
+                self._grad_l = self._grad_y(self.f.sum(), create_graph=True)
+                self.gf = self._grad_l.detach()
+            else:
+                self.gf = self._grad_y(self.f.sum())
+        if self.linear:
+            self.A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
+        else:
+            self.A_full = self._constraint_jacobian()
+        self.active = self._active_set(solution)
+        self.dropped = torch.zeros_like(self.active)
+        self._apply_mask()
+        self._multipliers: Tensor | None = None
+        self._given_multipliers = self._check_given_multipliers(solution)
+
+    # -- evaluation helpers ------------------------------------------------------------------
+    def _objective(self) -> Tensor:
+        f = self.node.objective(*self.xs_d, y=self.y_in)
+        return check_batched(self.node, "objective", f, self.batch, 1)
+
+    def _constraints(self, name: str) -> Tensor:
+        value = getattr(self.node, name)(*self.xs_d, y=self.y_in)
+        return check_batched(self.node, name, value, self.batch, 2)
+
+    def _grad_y(self, scalar: Tensor, create_graph: bool = False) -> Tensor:
+        if not scalar.requires_grad:
+            return torch.zeros_like(self.y_flat)
+        (grad,) = torch.autograd.grad(
+            scalar, self.y_flat, retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+        return torch.zeros_like(self.y_flat) if grad is None else grad
+
+    def _constraint_jacobian(self) -> Tensor:
+        """``A = D_Y h̃`` ``(B, c, m)`` by one vectorised backward over the ``c`` rows."""
+        if self.c == 0 or not self.htil.requires_grad:
+            return self.y_flat.new_zeros(self.batch, self.c, self.m)
+        eye = torch.eye(self.c, dtype=self.dtype, device=self.device)
+        basis = eye.unsqueeze(1).expand(self.c, self.batch, self.c)
+        (jac,) = torch.autograd.grad(
+            self.htil, self.y_flat, basis, retain_graph=True, is_grads_batched=True,
+            allow_unused=True,
+        )
+        if jac is None:
+            return self.y_flat.new_zeros(self.batch, self.c, self.m)
+        return jac.transpose(0, 1)
+
+    def _active_set(self, solution: Any) -> Tensor:
+        """``(B, c)`` mask: equalities always, inequalities where ``g ≥ −tol``."""
+        active_eq = torch.ones(self.batch, self.p, dtype=torch.bool, device=self.device)
+        if self.q == 0:
+            return active_eq
+        given = getattr(solution, "active", None)
+        if given is not None:
+            if not isinstance(given, Tensor) or given.shape != (self.batch, self.q):
+                raise ValueError(
+                    f"{node_name(self.node)}: Solution.active must be a ({self.batch}, "
+                    f"{self.q}) boolean tensor, got "
+                    f"{tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__}."
+                )
+            active_ineq = given.to(device=self.device, dtype=torch.bool)
+        else:
+            tol = self.options.active_tol
+            tol = _linalg.working_eps(self.dtype) ** 0.5 if tol is None else tol
+            scale = self.y_flat.detach().abs().amax(-1, keepdim=True)
+            grad_scale = self.A_full[:, self.p:].abs().amax(-1)
+            active_ineq = self.g.detach() >= -tol * (1.0 + scale * grad_scale)
+        return torch.cat([active_eq, active_ineq], 1)
+
+    def _apply_mask(self) -> None:
+        """Rows that are inactive (or dropped as dependent) are zeroed, so that every sample
+        keeps the same shape; the KKT matrix has a 1 on their diagonal instead."""
+        self.used = self.active & ~self.dropped
+        self.A = self.A_full * self.used.unsqueeze(-1).to(self.dtype)
+
+    def _check_given_multipliers(self, solution: Any) -> Tensor | None:
+        given = getattr(solution, "multipliers", None)
+        if given is None or self.c == 0:
+            return None
+        if not isinstance(given, Tensor) or given.shape != (self.batch, self.c):
+            raise ValueError(
+                f"{node_name(self.node)}: Solution.multipliers must have shape "
+                f"({self.batch}, {self.c}) (equalities then inequalities), got "
+                f"{tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__}."
+            )
+        return given.detach().to(device=self.device, dtype=self.dtype)
+
+    # -- multipliers ------------------------------------------------------------------------
+    @property
+    def inactive_diagonal(self) -> Tensor:
+        """``(B, c)`` 1 where a row is not used (inactive or dropped), else 0."""
+        return (~self.used).to(self.dtype)
+
+    @property
+    def multipliers(self) -> Tensor:
+        """λ ``(B, c)`` from the solver, or least squares ``λᵀA = D_Y f`` (eq. 25).
+
+        Zero for rows that are not used. Computed on first use: fixed linear constraints
+        need them only for optimality checks.
+        """
+        if self._multipliers is None:
+            self._multipliers = self._compute_multipliers()
+        return self._multipliers
+
+    def _compute_multipliers(self) -> Tensor:
+        if self.c == 0:
+            return self.y_flat.new_zeros(self.batch, 0)
+        used = self.used.to(self.dtype)
+        if self._given_multipliers is not None and not bool(self.dropped.any()):
+            return self._given_multipliers * used
+        if not self.node.has_objective:
+            return self.y_flat.new_zeros(self.batch, self.c)  # feasibility problems: f ≡ 0
+        cd = _linalg.compute_dtype(self.dtype)
+        A = self.A.detach().to(cd)
+        gram = A @ A.transpose(1, 2) + torch.diag_embed(self.inactive_diagonal.to(cd))
+        rhs = A @ self.gf.detach().to(cd).unsqueeze(-1)
+        lam, ok = _linalg.solve_cholesky(gram, rhs, _linalg.singular_tol(self.dtype))
+        if not bool(ok.all()):
+            bad = ~ok
+            pinv, _ = _linalg.solve_symmetric_pinv(gram[bad], rhs[bad],
+                                                   self.options.rcond_for(self.dtype))
+            lam = lam.clone()
+            lam[bad] = pinv
+        return lam.squeeze(-1).to(self.dtype) * used
+
+    # -- the Lagrangian ---------------------------------------------------------------------
+    def lagrangian_gradient(self) -> Tensor:
+        """``D_Y L(x, y, λ)`` ``(B, m)`` with a graph for second derivatives (λ fixed)."""
+        if self._grad_l is not None:
+            return self._grad_l
+        with torch.enable_grad():
+            if not self.htil.requires_grad:
+                total = self.f.sum()
+            else:
+                total = self.f.sum() - (self.multipliers * self.htil).sum()
+            self._grad_l = self._grad_y(total, create_graph=True)
+        return self._grad_l
+
+    def declared_hessian(self) -> LinearOperator | None:
+        """The Hessian of the Lagrangian the node or its solver declared, if any.
+
+        ``Solution.hessian`` wins over the node's ``hessian(*xs, y, multipliers)`` method;
+        the multipliers passed are the ones the backward uses (Solution's convention).
+        After dependent constraints were dropped, a Hessian from the solver (computed with
+        its own multipliers) no longer applies and the node's method, if any, is asked.
+        """
+        given = getattr(self.solution, "hessian", None)
+        if given is not None and not bool(self.dropped.any()):
+            return as_operator(given, self.batch, self.m,
+                               f"{node_name(self.node)}: Solution.hessian")
+        method = getattr(self.node, "hessian", None)
+        if method is None or not callable(method):
+            return None
+        xs = [x.detach() if isinstance(x, Tensor) else x for x in self.xs_d]
+        with torch.no_grad():
+            value = method(*xs, y=self.y_in.detach(), multipliers=self.multipliers)
+        return as_operator(value, self.batch, self.m, f"{node_name(self.node)}.hessian")
+
+    def hvp(self, u: Tensor) -> Tensor:
+        """``H u`` by automatic differentiation, ``u`` ``(B, m)``."""
+        grad_l = self.lagrangian_gradient()
+        if not grad_l.requires_grad:
+            return torch.zeros_like(u)
+        (out,) = torch.autograd.grad(grad_l, self.y_flat, u, retain_graph=True,
+                                     allow_unused=True)
+        return torch.zeros_like(u) if out is None else out
+
+    def hessian_columns(self, columns: Tensor) -> Tensor | None:
+        """``H E`` for a batch of directions ``columns`` ``(K, B, m)`` -> ``(K, B, m)``, by one
+        vectorised backward; None where the objective has an op without a batching rule."""
+        grad_l = self.lagrangian_gradient()
+        if not grad_l.requires_grad:
+            return torch.zeros_like(columns)
+        try:
+            (rows,) = torch.autograd.grad(grad_l, self.y_flat, columns, retain_graph=True,
+                                          is_grads_batched=True, allow_unused=True)
+        except RuntimeError:  # an op without a batching rule: no batched HVPs
+            return None
+        return torch.zeros_like(columns) if rows is None else rows
+
+    def constraint_second_difference(self, direction: Tensor) -> Tensor:
+        """``d²/ds² h̃(x, y + s t)`` at ``s = 0`` by a central second difference, ``(B, c)``.
+
+        Only used to rank dependent constraints by their curvature along the direction
+        the solution moves (§4.7.3), where a few digits suffice.
+        """
+        step = _linalg.working_eps(self.dtype) ** 0.25
+        scale = 1.0 + self.y_flat.detach().abs().amax(-1, keepdim=True)
+        t = direction * step * scale
+        xs = [x.detach() if isinstance(x, Tensor) else x for x in self.xs_d]
+        with torch.no_grad():
+            vals = []
+            for sign in (1.0, -1.0):
+                y = (self.y_flat.detach() + sign * t).view(self.y_shape)
+                parts = []
+                if self.h is not None:
+                    parts.append(self.node.equality_constraints(*xs, y=y))
+                if self.g is not None:
+                    parts.append(self.node.inequality_constraints(*xs, y=y))
+                vals.append(torch.cat(parts, 1))
+            return (vals[0] - 2 * self.htil.detach() + vals[1]) / (step * scale) ** 2
+
+    def drop_rows(self, drop: Tensor) -> None:
+        """Remove dependent active constraints ``drop`` ``(B, c)`` (§4.7.3): their rows are
+        masked and their multipliers fixed to zero; the others' are recomputed."""
+        self.dropped = self.dropped | drop
+        self._apply_mask()
+        self._multipliers = None
+        if not self.linear:
+            self._grad_l = None
+
+    # -- checks -----------------------------------------------------------------------------
+    def residual(self) -> OptimalityResidual:
+        """First-order optimality residuals at ``(x, y)``."""
+        lam = self.multipliers
+        stat = self.gf.detach() - (lam.unsqueeze(-1) * self.A.detach()).sum(1)
+        zeros = self.y_flat.new_zeros(self.batch)
+        eq = self.h.detach().norm(dim=-1) if self.p else zeros
+        if self.q:
+            ineq = self.g.detach().clamp_min(0).amax(-1)
+            dual = (lam[:, self.p:] * self.active[:, self.p:]).clamp_min(0).amax(-1)
+        else:
+            ineq = dual = zeros
+        return OptimalityResidual(stat.norm(dim=-1), eq, ineq, dual, lam)
