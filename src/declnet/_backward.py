@@ -43,8 +43,9 @@ def _dependent_rows(prob: Problem, res: KKTResult, v: Tensor) -> Tensor:
     used = prob.used[rows]
     G = res.metric[rows]
     cd = G.dtype
-    # Direction: v, projected onto the null space of the used rows when curvature matters.
-    t = v[rows, :, 0] if v.dim() == 3 else v[rows]
+    # Direction: v, projected onto the null space of the used rows when curvature matters
+    # (of several right-hand sides, the one with the largest tangent part).
+    vs = (v if v.dim() == 3 else v.unsqueeze(-1))[rows]
     A = prob.A.detach()[rows]
     norms = A.norm(dim=-1).clamp_min(torch.finfo(A.dtype).tiny)
 
@@ -55,14 +56,16 @@ def _dependent_rows(prob: Problem, res: KKTResult, v: Tensor) -> Tensor:
         curv[:, :prob.p] = curv[:, :prob.p].abs()
         return curv
 
-    score = scores(t)
+    score = scores(vs[..., 0])
     if bool((score.abs() > 0).any()):
         Ac = A.to(cd)
         gram = Ac @ Ac.transpose(1, 2)
         d = gram.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(cd).tiny)
         reg = gram + torch.diag_embed(1e-8 * d + (~used).to(cd))
-        coef = torch.linalg.solve(reg, Ac @ t.to(cd).unsqueeze(-1))
-        t = t - (Ac.transpose(1, 2) @ coef).squeeze(-1).to(t.dtype)
+        tangent = vs.to(cd) - Ac.transpose(1, 2) @ torch.linalg.solve(reg, Ac @ vs.to(cd))
+        best = tangent.norm(dim=1).argmax(-1)
+        t = tangent[torch.arange(len(rows), device=tangent.device), :, best]
+        t = t / t.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
         score = scores(t)
     score = torch.where(used, score, torch.full_like(score, -float("inf")))
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
@@ -110,6 +113,11 @@ def vjp(
         ``(x_grads, p_grads)``: one entry per input (None where no gradient is needed) and
         one per entry of ``params``.
     """
+    if y.shape[0] == 0:  # an empty batch: empty gradients, the problem is never evaluated
+        if need_grad is None:
+            need_grad = [isinstance(x, Tensor) and x.requires_grad for x in xs]
+        return ([torch.zeros_like(x) if isinstance(x, Tensor) and ng else None
+                 for x, ng in zip(xs, need_grad)], [torch.zeros_like(p) for p in params])
     prob = problem(node, xs, y, options, solution, need_grad)
     multi = grad_y.dim() == y.dim() + 1
     B, m = prob.batch, prob.m
@@ -122,32 +130,29 @@ def vjp(
     else:
         v = grad_y.detach().reshape(B, m, 1).to(prob.dtype)
 
-    if B == 0:
-        raw: list[Tensor | None] = [torch.zeros_like(t) for t in targets]
-    else:
-        res = solve_kkt(prob, v, force_dense=force_dense)
-        if bool(res.dependent.any()):
-            prob.drop_rows(_dependent_rows(prob, res, v))
-            res = solve_kkt(prob, v, force_dense=force_dense, allow_drop=False)
-        w = res.w
-        w1, w2 = w[:, :m], w[:, m:]
-        grad_l = prob.lagrangian_gradient()
-        with torch.enable_grad():
-            outputs, grads_out = [grad_l], [w1]
-            if prob.c and not prob.linear and prob.htil.requires_grad:
-                outputs.append(prob.htil)
-                grads_out.append(w2)
-            grads_out = [g.permute(2, 0, 1).contiguous() if multi else g.squeeze(-1)
-                         for g in grads_out]
-            keep = [i for i, o in enumerate(outputs) if o.requires_grad]
-            if keep:
-                raw = list(torch.autograd.grad(
-                    [outputs[i] for i in keep], targets, [grads_out[i] for i in keep],
-                    allow_unused=True, is_grads_batched=multi, create_graph=create_graph,
-                ))
-            else:
-                raw = [None] * len(targets)
-        raw = [None if g is None else -g for g in raw]
+    res = solve_kkt(prob, v, force_dense=force_dense)
+    if bool(res.dependent.any()):
+        prob.drop_rows(_dependent_rows(prob, res, v))
+        res = solve_kkt(prob, v, force_dense=force_dense, allow_drop=False)
+    w = res.w
+    w1, w2 = w[:, :m], w[:, m:]
+    grad_l = prob.lagrangian_gradient()
+    with torch.enable_grad():
+        outputs, grads_out = [grad_l], [w1]
+        if prob.c and not prob.linear and prob.htil.requires_grad:
+            outputs.append(prob.htil)
+            grads_out.append(w2)
+        grads_out = [g.permute(2, 0, 1).contiguous() if multi else g.squeeze(-1)
+                     for g in grads_out]
+        keep = [i for i, o in enumerate(outputs) if o.requires_grad]
+        if keep:
+            raw = list(torch.autograd.grad(
+                [outputs[i] for i in keep], targets, [grads_out[i] for i in keep],
+                allow_unused=True, is_grads_batched=multi, create_graph=create_graph,
+            ))
+        else:
+            raw = [None] * len(targets)
+    raw = [None if g is None else -g for g in raw]
     it = iter(raw)
     x_grads = [next(it) if isinstance(x, Tensor) and x.requires_grad else None
                for x in prob.xs_d]

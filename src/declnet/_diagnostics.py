@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -121,4 +122,4 @@ def check_batched(node: Any, what: str, value: Any, batch: int, ndim: int | None
 
 def nonfinite_samples(y: Tensor) -> Tensor:
     """``(B,)`` True where a sample of ``y`` has a NaN or Inf."""
-    return ~torch.isfinite(y.reshape(y.shape[0], -1)).all(-1)
+    return ~torch.isfinite(y.reshape(y.shape[0], math.prod(y.shape[1:]))).all(-1)

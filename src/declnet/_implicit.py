@@ -8,6 +8,7 @@ solves) and ``_backward`` (the VJP); the configuration in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,7 +103,7 @@ def jacobian(node: Any, xs: Sequence[Any]) -> Tensor | tuple[Tensor, ...]:
     solution = solve_node(node, xs)
     y = solution.y
     B = y.shape[0]
-    m = y[0].numel() if y.dim() > 1 else 1
+    m = math.prod(y.shape[1:])
     eye = torch.eye(m, dtype=y.dtype, device=y.device)
     grad_y = eye.unsqueeze(1).expand(m, B, m).reshape(m, *y.shape)
     need = [isinstance(x, Tensor) and x.is_floating_point() for x in xs]

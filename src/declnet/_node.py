@@ -307,7 +307,7 @@ class LinearEqualityConstrainedNode(DeclarativeNode):
     def equality_constraints(self, *xs: Any, y: Tensor) -> Tensor:
         """``A y − d`` of shape ``(B, p)``."""
         batch = y.shape[0]
-        flat = y.reshape(batch, -1)
+        flat = y.flatten(1) if y.dim() > 1 else y.unsqueeze(1)
         A = self.constraint_matrix(batch, flat.shape[1]).to(flat.dtype)
         d = self.d.to(flat.dtype).expand(batch, A.shape[1])
         return check_batched(self, "equality_constraints", (A @ flat.unsqueeze(-1)).squeeze(-1) - d,

@@ -8,6 +8,7 @@ with ``c = p + q`` (equalities first), and ``A = D_Y h̃`` is ``(B, c, m)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,7 +61,7 @@ class Problem:
         self.solution = solution
         self.batch = y.shape[0]
         self.y_shape = y.shape
-        self.m = y[0].numel() if y.dim() > 1 else 1
+        self.m = math.prod(y.shape[1:])
         self.dtype = y.dtype
         self.device = y.device
         if need_grad is None:
@@ -229,7 +230,8 @@ class Problem:
     def declared_hessian(self) -> LinearOperator | None:
         """The Hessian of the Lagrangian the node or its solver declared, if any.
 
-        ``Solution.hessian`` wins over the node's ``hessian(*xs, y, multipliers)`` method;
+        ``Solution.hessian`` wins over the node's ``hessian(*xs, y, multipliers)`` method
+        (which may return None to declare nothing);
         the multipliers passed are the ones the backward uses (Solution's convention).
         After dependent constraints were dropped, a Hessian from the solver (computed with
         its own multipliers) no longer applies and the node's method, if any, is asked.
@@ -244,6 +246,8 @@ class Problem:
         xs = [x.detach() if isinstance(x, Tensor) else x for x in self.xs_d]
         with torch.no_grad():
             value = method(*xs, y=self.y_in.detach(), multipliers=self.multipliers)
+        if value is None:  # the node declines: nothing is declared for these inputs
+            return None
         return as_operator(value, self.batch, self.m, f"{node_name(self.node)}.hessian")
 
     def hvp(self, u: Tensor) -> Tensor:

@@ -1,0 +1,91 @@
+"""Problems with known gradients at hostile scales, shared by the engine tests."""
+
+from __future__ import annotations
+
+import torch
+
+import declnet
+
+
+def rand(*shape, seed=0, dtype=torch.float64):
+    """A seeded standard normal tensor (float64 draws, then cast)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+class ScaledQuadratic(declnet.DeclarativeNode):
+    """``y = argmin_u ½ (u − x)ᵀ H (u − x)``: ``y = x`` and ``Dy = I`` for any SPD ``H``."""
+
+    def __init__(self, H: torch.Tensor, declare: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("H", H)
+        self.declare = declare
+
+    def objective(self, x, *, y):
+        d = y - x
+        return 0.5 * (d * (d @ self.H.to(d.dtype).T)).sum(-1)
+
+    def solve(self, x):
+        return x.clone()
+
+
+def log_sinkhorn(M, r, c, gamma, iterations=2000):
+    """Entropic OT ``P = argmin ⟨M, P⟩ + (1/γ) Σ P (log P − 1)``, ``P1 = r``, ``Pᵀ1 = c``,
+    in the log domain (float64); returns ``P`` and the potentials ``(f, g)``."""
+    f = torch.zeros_like(r)
+    g = torch.zeros_like(c)
+    for _ in range(iterations):
+        f = (torch.log(r) - torch.logsumexp(gamma * (g.unsqueeze(-2) - M), -1)) / gamma
+        g = (torch.log(c) - torch.logsumexp(gamma * (f.unsqueeze(-1) - M), -2)) / gamma
+    P = torch.exp(gamma * (f.unsqueeze(-1) + g.unsqueeze(-2) - M))
+    return P, f, g
+
+
+class EntropicTransport(declnet.EqualityConstrainedNode):
+    """Entropic OT as a generic node: ``y`` is the plan ``P`` ``(B, n, k)``."""
+
+    def __init__(self, gamma: float, declare_hessian: bool = False,
+                 give_multipliers: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gamma = gamma
+        self.declare_hessian = declare_hessian
+        self.give_multipliers = give_multipliers
+
+    def objective(self, M, r, c, *, y):
+        return (M * y).sum((-2, -1)) + (y * (torch.log(y) - 1)).sum((-2, -1)) / self.gamma
+
+    def equality_constraints(self, M, r, c, *, y):
+        # The last column sum follows from the others and the row sums: drop it.
+        return torch.cat([y.sum(-1) - r, (y.sum(-2) - c)[:, :-1]], -1)
+
+    def solve(self, M, r, c):
+        P, f, g = log_sinkhorn(M, r, c, self.gamma)
+        if self.give_multipliers:
+            # D_P f = M + log P / γ = f ⊕ g = λᵀ A: row multipliers f, column ones g − g_last.
+            lam = torch.cat([f + g[:, -1:], (g - g[:, -1:])[:, :-1]], -1)
+            return declnet.Solution(P, multipliers=lam)
+        return P
+
+    def hessian(self, M, r, c, *, y, multipliers):
+        if not self.declare_hessian:
+            return None  # not declared: the engine forms it
+        return declnet.DiagonalOperator(1.0 / (self.gamma * y.flatten(1)))
+
+
+def transport_vjp_closed_form(P, v, gamma):
+    """``dJ/dM`` for entropic OT by the structured formula (float64, pseudo-inverse).
+
+    ``w = γ P ⊙ (v − α ⊕ β)`` with ``(α, β)`` solving the marginal system
+    ``[[diag(r), P], [Pᵀ, diag(c)]] [α; β] = [(P ⊙ v) 1; (P ⊙ v)ᵀ 1]``; ``dJ/dM = −w``.
+    """
+    n = P.shape[1]
+    r, c = P.sum(-1), P.sum(-2)
+    top = torch.cat([torch.diag_embed(r), P], -1)
+    bottom = torch.cat([P.transpose(-1, -2), torch.diag_embed(c)], -1)
+    S = torch.cat([top, bottom], -2)
+    pv = P * v
+    rhs = torch.cat([pv.sum(-1), pv.sum(-2)], -1).unsqueeze(-1)
+    ab = torch.linalg.lstsq(S, rhs, driver="gelsd").solution.squeeze(-1)
+    alpha, beta = ab[:, :n], ab[:, n:]
+    w = gamma * P * (v - alpha.unsqueeze(-1) - beta.unsqueeze(-2))
+    return -w

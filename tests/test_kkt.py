@@ -1,0 +1,232 @@
+"""The KKT solves at hostile scales: equilibration, singularity judged after scaling,
+entropic transport with plans spanning 1e-25…1, non-regular points, CG that stalls."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import declnet
+from _problems import EntropicTransport, ScaledQuadratic, rand, transport_vjp_closed_form
+from declnet import testing as dt
+
+F64 = torch.float64
+
+
+def grad_of(node, xs, v, index=0):
+    xs = [x.detach().clone().requires_grad_(i == index) for i, x in enumerate(xs)]
+    y = node(*xs)
+    (g,) = torch.autograd.grad(y, xs[index], v)
+    return g
+
+
+def no_warnings():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("error", declnet.DeclarativeWarning)
+    return ctx
+
+
+@pytest.mark.parametrize("solver", ["auto", "cholesky", "lu"])
+def test_float32_diagonal_condition_1e4_is_not_singular(solver):
+    """Regression: H = diag(1, 1e-4, 1) in float32 was called singular (gradient 0)."""
+    H = torch.diag(torch.tensor([1.0, 1e-4, 1.0]))
+    node = ScaledQuadratic(H, backward=declnet.ImplicitBackward(linear_solver=solver))
+    x, v = rand(4, 3).float(), rand(4, 3, seed=1).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", declnet.DeclarativeWarning)
+        g = grad_of(node, [x], v)
+    torch.testing.assert_close(g, v, atol=1e-6, rtol=1e-5)
+
+
+def test_float64_scales_1e_minus7_to_1e7():
+    """Regression: a = (1e-7, 1, 1, 1e7) gave Dy[0, 0] = 0 instead of 1."""
+    H = torch.diag(torch.tensor([1e-7, 1.0, 1.0, 1e7], dtype=F64))
+    node = ScaledQuadratic(H)
+    x = rand(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", declnet.DeclarativeWarning)
+        J = node.jacobian(x)
+    torch.testing.assert_close(J, torch.eye(4, dtype=F64).expand(3, 4, 4), atol=1e-12, rtol=1e-8)
+
+
+@pytest.mark.parametrize(("dtype", "spread", "tol"), [(F64, 1e6, 1e-8), (torch.float32, 1e3, 1e-3)])
+def test_condition_from_scaling_is_solved_exactly(dtype, spread, tol):
+    """H = D Q D with D spanning `spread` (condition numbers 1e12 and 1e6) and Q well
+    conditioned: equilibration recovers Q, so the gradient is exact to the dtype."""
+    m = 8
+    G = rand(m, m, seed=3)
+    Q = torch.eye(m, dtype=F64) + 0.1 * G @ G.T
+    D = torch.logspace(0, torch.log10(torch.tensor(spread)).item(), m, dtype=F64)
+    H = D[:, None] * Q * D[None, :]
+    assert torch.linalg.cond(H) > spread**2 / 10
+    node = ScaledQuadratic(H.to(dtype))
+    x, v = rand(2, m).to(dtype), rand(2, m, seed=4).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", declnet.DeclarativeWarning)
+        g = grad_of(node, [x], v)
+    torch.testing.assert_close(g.double(), v.double(), atol=tol * v.abs().max().item(), rtol=tol)
+
+
+def test_truly_singular_hessian_still_detected_after_scaling():
+    node = dt.SingularAlignment(2.0)
+    x = rand(2, 4)
+    with pytest.warns(declnet.DeclarativeWarning, match="singular"):
+        grad_of(node, [x], rand(2, 4, seed=1))
+
+
+def transport_inputs(B=2, n=5, k=7, seed=0):
+    M = rand(B, n, k, seed=seed).abs() * 3.0
+    r = torch.softmax(rand(B, n, seed=seed + 1), -1)  # per-sample marginals
+    c = torch.softmax(rand(B, k, seed=seed + 2), -1)
+    return M, r, c
+
+
+@pytest.mark.parametrize(("declare", "solver"), [(False, "auto"), (False, "cholesky"),
+                                                 (False, "lu"), (True, "auto")])
+def test_entropic_transport_gamma_10(declare, solver):
+    """Regression: at γ = 10 the plan spans ~1e-25…0.2 and every solver was ~100% wrong
+    (declared diagonal Hessian: the Schur complement path)."""
+    gamma = 10.0
+    M, r, c = transport_inputs()
+    node = EntropicTransport(gamma, declare_hessian=declare,
+                             backward=declnet.ImplicitBackward(linear_solver=solver))
+    P = node.solve(M, r, c)
+    assert P.min() < 1e-20  # the hostile regime
+    v = rand(*P.shape, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", declnet.DeclarativeWarning)
+        g = grad_of(node, [M, r, c], v)
+    expected = transport_vjp_closed_form(P, v, gamma)
+    torch.testing.assert_close(g, expected, atol=1e-10 * expected.abs().max().item(), rtol=1e-7)
+
+
+def test_entropic_transport_matches_finite_differences():
+    gamma = 10.0
+    M, r, c = transport_inputs(B=1, n=3, k=4)
+    node = EntropicTransport(gamma, give_multipliers=True)
+    dt.check_gradients(node, M, r, c, wrt=[0], eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_transport_with_both_marginal_sets_drops_the_dependent_row():
+    """All n + k marginal constraints (one is dependent: Σr = Σc): the engine drops it."""
+
+    class AllMarginals(EntropicTransport):
+        def equality_constraints(self, M, r, c, *, y):
+            return torch.cat([y.sum(-1) - r, y.sum(-2) - c], -1)
+
+        def solve(self, M, r, c):
+            return super().solve(M, r, c)
+
+    gamma = 10.0
+    M, r, c = transport_inputs()
+    node = AllMarginals(gamma, declare_hessian=True)
+    v = rand(*M.shape, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", declnet.DeclarativeWarning)
+        g = grad_of(node, [M, r, c], v)
+    P = node.solve(M, r, c)
+    expected = transport_vjp_closed_form(P, v, gamma)
+    torch.testing.assert_close(g, expected, atol=1e-10 * expected.abs().max().item(), rtol=1e-7)
+
+
+class TangentCircleEllipse(declnet.InequalityConstrainedNode):
+    """Projection onto {‖u‖² ≤ 4} ∩ {u₁²/4 + 4u₂² ≤ 1}: at x = (3, 0) both are active and
+    tangent at y = (2, 0) (dependent gradients), and the ellipse binds: dy₂/dx₂ = 1/9."""
+
+    def objective(self, x, *, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, *, y):
+        circle = (y**2).sum(-1) - 4.0
+        ellipse = y[:, 0] ** 2 / 4.0 + 4.0 * y[:, 1] ** 2 - 1.0
+        return torch.stack([circle, ellipse], -1)
+
+    def solve(self, x):
+        # The ellipse lies inside the circle: project onto it (bisection on μ ≥ 0).
+        a2 = torch.tensor([4.0, 0.25], dtype=x.dtype)
+        lo = torch.zeros(x.shape[0], 1, dtype=x.dtype)
+        hi = torch.full_like(lo, 1e3)
+        for _ in range(200):
+            mu = 0.5 * (lo + hi)
+            y = x * a2 / (a2 + mu)
+            outside = (y**2 / a2).sum(-1, keepdim=True) > 1
+            lo, hi = torch.where(outside, mu, lo), torch.where(outside, hi, mu)
+        return x * a2 / (a2 + 0.5 * (lo + hi))
+
+
+def test_non_regular_point_drops_the_dependent_constraint():
+    """Regression: two tangent active constraints gave dy₂/dx₂ = 0.294; FD give 1/9."""
+    node = TangentCircleEllipse()
+    x = torch.tensor([[3.0, 0.0]], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", declnet.DeclarativeWarning)
+        J = node.jacobian(x)
+    torch.testing.assert_close(J[0], torch.diag(torch.tensor([0.0, 1.0 / 9.0], dtype=F64)),
+                               atol=1e-7, rtol=1e-6)
+    # Finite differences of the solver agree.
+    eps = 1e-6
+    dy = (node.solve(x + torch.tensor([[0.0, eps]], dtype=F64))
+          - node.solve(x - torch.tensor([[0.0, eps]], dtype=F64))) / (2 * eps)
+    torch.testing.assert_close(dy[0, 1], torch.tensor(1.0 / 9.0, dtype=F64), atol=1e-6, rtol=1e-5)
+
+
+def test_non_regular_point_either_order_of_constraints():
+    class Swapped(TangentCircleEllipse):
+        def inequality_constraints(self, x, *, y):
+            return super().inequality_constraints(x, y=y).flip(-1)
+
+    J = Swapped().jacobian(torch.tensor([[3.0, 0.0]], dtype=F64))
+    torch.testing.assert_close(J[0, 1, 1], torch.tensor(1.0 / 9.0, dtype=F64), atol=1e-7,
+                               rtol=1e-6)
+
+
+class IllConditionedSmooth(declnet.DeclarativeNode):
+    """``½ Σ aᵢ (uᵢ − xᵢ)² + ¼ Σ uᵢ⁴`` with ``a`` spanning 1e-4…1e4: CG stalls."""
+
+    def __init__(self, m, declare=False, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("a", torch.logspace(-4, 4, m, dtype=F64))
+        self.declare = declare
+
+    def objective(self, x, *, y):
+        return 0.5 * (self.a * (y - x) ** 2).sum(-1) + 0.25 * (y**4).sum(-1)
+
+    def solve(self, x):
+        y = x.clone()
+        for _ in range(60):
+            y = y - (self.a * (y - x) + y**3) / (self.a + 3 * y**2)
+        return y
+
+    def hessian(self, x, *, y, multipliers):
+        if not self.declare:
+            return None
+        d = self.a + 3 * y**2
+        return declnet.MatrixFreeOperator(lambda u: d * u, y.shape[0], y.shape[1],
+                                          dtype=y.dtype, diagonal=d)
+
+    def closed_form_vjp(self, x, v):
+        y = self.solve(x)
+        return v * self.a / (self.a + 3 * y**2)
+
+
+def test_stalled_cg_falls_back_to_the_dense_solve():
+    """Regression: 'auto' returned a CG gradient 2–7% wrong after maxiter."""
+    node = IllConditionedSmooth(100, backward=declnet.ImplicitBackward(maxiter=20))
+    x, v = rand(3, 100), rand(3, 100, seed=1)
+    with pytest.warns(declnet.DeclarativeWarning, match="falling back to the dense solve"):
+        g = grad_of(node, [x], v)
+    torch.testing.assert_close(g, node.closed_form_vjp(x, v), atol=1e-10, rtol=1e-8)
+
+
+def test_jacobi_preconditioned_cg_converges_with_a_declared_diagonal():
+    node = IllConditionedSmooth(100, declare=True,
+                                backward=declnet.ImplicitBackward(linear_solver="cg",
+                                                                  maxiter=20))
+    x, v = rand(3, 100), rand(3, 100, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", declnet.DeclarativeWarning)
+        g = grad_of(node, [x], v)
+    torch.testing.assert_close(g, node.closed_form_vjp(x, v), atol=1e-10, rtol=1e-7)
