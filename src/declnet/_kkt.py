@@ -116,16 +116,29 @@ def dense_hessian(prob: Problem, op: LinearOperator | None) -> Tensor | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _schur(prob: Problem, hsolve, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# Above this many constraint rows (and c·m), the Schur complement is assembled by
+# Jacobian-vector products through the constraints instead of a dense (c × m)(m × c)
+# product (see Problem.constraint_jvp).
+_JVP_SCHUR_ROWS = 48
+_JVP_SCHUR_WORK = 2**18
+
+
+def _schur(prob: Problem, hsolve, rhs: Tensor, structured: bool = False,
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Solve by the Schur complement given ``hsolve = H⁻¹ ·``; returns ``(w, ok_s, S, H⁻¹A)``."""
-    m = prob.m
+    m, c = prob.m, prob.c
     A = prob.A.detach().to(rhs.dtype)
     dvec = prob.inactive_diagonal.to(rhs.dtype)
     v, z = rhs[:, :m], rhs[:, m:]
-    K = v.shape[2]
-    both = hsolve(torch.cat([v, A.transpose(1, 2)], 2))
-    hv, hat = both[:, :, :K], both[:, :, K:]
-    S = A @ hat + torch.diag_embed(dvec)
+    hv = hsolve(v)
+    hat = hsolve(A.transpose(1, 2))
+    if (structured and not prob.linear and c >= _JVP_SCHUR_ROWS
+            and c * m >= _JVP_SCHUR_WORK):
+        cols = prob.constraint_jvp(hat.permute(2, 0, 1).to(prob.dtype))  # (c, B, c)
+        S = cols.permute(1, 2, 0).to(rhs.dtype)
+    else:
+        S = A @ hat
+    S = S + torch.diag_embed(dvec)
     S = 0.5 * (S + S.transpose(1, 2))
     sf = _linalg.cholesky_factor(S, _tol(prob))
     w2 = sf.solve(A @ hv - z)
@@ -171,8 +184,8 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
     tol = _tol(prob)
     A = prob.A.detach().to(H.dtype)
     dvec = prob.inactive_diagonal.to(H.dtype)
-    K = _kkt_matrix(H, A, dvec) if prob.c else H
     no = torch.zeros(prob.batch, dtype=torch.bool, device=H.device)
+    K = _kkt_matrix(H, A, dvec) if prob.c and method != "cholesky" else H
     if method == "lstsq":
         sol, truncated = _linalg.solve_symmetric_pinv(K, rhs, prob.options.rcond_for(prob.dtype))
         if bool(truncated.any()):
@@ -193,18 +206,21 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
             # H positive definite but S singular: the used constraint rows are dependent.
             dependent = hf.ok & ~ok_s
             metric = S
-        kscale = _linalg.equilibrate(K)
-        ok = ok & _linalg.residual_ok(K, w, rhs, scale=kscale)
+        # Cholesky is backward stable: its solves need no residual check. Where H is not
+        # positive definite, LU on the whole (scaled) KKT matrix, checked by its residual.
         bad = ~ok & ~dependent
-        if bool(bad.any()):  # H not positive definite: LU on the whole (scaled) KKT matrix
-            w_lu, ok_lu = _linalg.solve_lu(K[bad], rhs[bad], tol)
+        if prob.c and (bool(bad.any()) or bool(dependent.any())):
+            K = _kkt_matrix(H, A, dvec)
+        if bool(bad.any()):
+            Kb, rb = K[bad], rhs[bad]
+            w_lu, ok_lu = _linalg.solve_lu(Kb, rb, tol)
+            ok_lu = ok_lu & _linalg.residual_ok(Kb, w_lu, rb, scale=_linalg.equilibrate(Kb))
             w = _replace(w, bad, w_lu)
             ok = ok.clone()
             ok[bad] = ok_lu
     else:  # "lu"
         w, ok = _linalg.solve_lu(K, rhs, tol)
-    kscale = _linalg.equilibrate(K)
-    ok = ok & _linalg.residual_ok(K, w, rhs, scale=kscale)
+        ok = ok & _linalg.residual_ok(K, w, rhs, scale=_linalg.equilibrate(K))
     bad = ~ok & ~dependent
     if prob.c and allow_drop and bool(bad.any()):
         # A singular KKT matrix: dependent constraints are dropped by the caller, the rest
@@ -244,7 +260,7 @@ def _solve_structured(prob: Problem, op: LinearOperator, rhs: Tensor,
                 "non-singular at the solution (add damping, or declare it only where it is)."
             )
         return KKTResult(w, no)
-    w, ok, S, _ = _schur(prob, hsolve, rhs)
+    w, ok, S, _ = _schur(prob, hsolve, rhs, structured=True)
     dependent = ~ok
     if not allow_drop and bool(dependent.any()):
         # Dependent rows remain after dropping: the minimum-norm w₂ (pseudo-inverse of S).

@@ -101,10 +101,13 @@ def equilibrate(matrix: Tensor, iterations: int = 6) -> Tensor:
         return s
     mag = matrix.abs()
     for _ in range(iterations):
-        rows = (mag * s.unsqueeze(-1) * s.unsqueeze(-2)).amax(-1)
+        rows = (mag * s.unsqueeze(-2)).amax(-1) * s
         rows = torch.where((rows > 0) & torch.isfinite(rows), rows, torch.ones_like(rows))
         # Powers of two: the scaling itself introduces no rounding error.
-        s = s * torch.exp2(torch.round(-0.5 * torch.log2(rows)))
+        step = torch.exp2(torch.round(-0.5 * torch.log2(rows)))
+        if not bool((step != 1).any()):
+            break  # every row's largest entry is within a factor 2 of 1
+        s = s * step
     return s
 
 

@@ -162,7 +162,9 @@ class Problem:
         """Rows that are inactive (or dropped as dependent) are zeroed, so that every sample
         keeps the same shape; the KKT matrix has a 1 on their diagonal instead."""
         self.used = self.active & ~self.dropped
-        self.A = self.A_full * self.used.unsqueeze(-1).to(self.dtype)
+        self.all_used = bool(self.used.all())
+        self.A = self.A_full if self.all_used else \
+            self.A_full * self.used.unsqueeze(-1).to(self.dtype)
 
     def _check_given_multipliers(self, solution: Any) -> Tensor | None:
         given = getattr(solution, "multipliers", None)
@@ -271,6 +273,26 @@ class Problem:
         except RuntimeError:  # an op without a batching rule: no batched HVPs
             return None
         return torch.zeros_like(columns) if rows is None else rows
+
+    def constraint_jvp(self, Z: Tensor) -> Tensor:
+        """``A zₖ`` for ``K`` directions ``Z`` ``(K, B, m)`` -> ``(K, B, c)`` (used rows only).
+
+        By Jacobian-vector products through the constraints (the double-backward trick),
+        so the cost is ``K`` passes through ``h̃`` rather than a dense ``c × m`` product:
+        for constraints such as a transport plan's marginals that is ``O(K m)`` instead of
+        ``O(K c m)``. Fixed linear constraints use their matrix.
+        """
+        if self.linear or not self.htil.requires_grad:
+            return (self.A.unsqueeze(0) @ Z.unsqueeze(-1)).squeeze(-1)
+        with torch.enable_grad():
+            u = torch.zeros(self.batch, self.c, dtype=self.dtype, device=self.device,
+                            requires_grad=True)
+            (g,) = torch.autograd.grad(self.htil, self.y_flat, u, retain_graph=True,
+                                       create_graph=True)
+        (out,) = torch.autograd.grad(g, u, Z, is_grads_batched=True, allow_unused=True)
+        if out is None:
+            return Z.new_zeros(Z.shape[0], self.batch, self.c)
+        return out if self.all_used else out * self.used.to(self.dtype)
 
     def constraint_second_difference(self, direction: Tensor) -> Tensor:
         """``d²/ds² h̃(x, y + s t)`` at ``s = 0`` by a central second difference, ``(B, c)``.
