@@ -37,6 +37,12 @@ class DeclarativeNode(nn.Module):
       by keyword and has the shape that ``solve`` returns, ``(B, ...)``.
     - ``solve(*xs) -> y or Solution``: any algorithm at all, run under ``torch.no_grad()``.
 
+    Optionally, ``hessian(*xs, y, multipliers)`` returns the Hessian of the Lagrangian at
+    ``y`` — a dense ``(B, m, m)`` tensor or a :class:`~declnet.LinearOperator` (e.g.
+    :class:`~declnet.DiagonalOperator`), or None to declare nothing — and the backward pass
+    chooses its solver from that structure (``docs/concepts.md``); ``Solution.hessian``
+    from ``solve`` does the same and wins.
+
     Calling the node solves and returns a differentiable ``y``; its backward pass solves
     one linear system per sample (the Hessian of the objective, or the KKT matrix for
     constrained nodes) and never back-propagates through ``solve``.
