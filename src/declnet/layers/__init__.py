@@ -24,6 +24,7 @@ from .projections import (
     project_onto_sphere,
 )
 from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
+from .tridiagonal import tridiagonal_solve
 
 __all__ = [
     "Huber",
@@ -44,4 +45,5 @@ __all__ = [
     "robust_pool",
     "robust_vector_pool",
     "set_compile_mode",
+    "tridiagonal_solve",
 ]
