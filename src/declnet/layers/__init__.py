@@ -24,9 +24,11 @@ from .projections import (
     project_onto_sphere,
 )
 from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
+from .sparse_attention import Entmax, Sparsemax, entmax, sparsemax
 from .tridiagonal import tridiagonal_solve
 
 __all__ = [
+    "Entmax",
     "Huber",
     "LpProjection",
     "Penalty",
@@ -34,10 +36,12 @@ __all__ = [
     "Quadratic",
     "RobustPool",
     "RobustVectorPool",
+    "Sparsemax",
     "TruncatedQuadratic",
     "Welsch",
     "as_penalty",
     "compile_mode",
+    "entmax",
     "penalty_names",
     "project_onto_ball",
     "project_onto_simplex",
@@ -45,5 +49,6 @@ __all__ = [
     "robust_pool",
     "robust_vector_pool",
     "set_compile_mode",
+    "sparsemax",
     "tridiagonal_solve",
 ]
