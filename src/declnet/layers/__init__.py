@@ -25,6 +25,7 @@ from .projections import (
 )
 from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
 from .sparse_attention import Entmax, Sparsemax, entmax, sparsemax
+from .total_variation import TotalVariation1d, total_variation_1d
 from .tridiagonal import tridiagonal_solve
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "RobustPool",
     "RobustVectorPool",
     "Sparsemax",
+    "TotalVariation1d",
     "TruncatedQuadratic",
     "Welsch",
     "as_penalty",
@@ -50,5 +52,6 @@ __all__ = [
     "robust_vector_pool",
     "set_compile_mode",
     "sparsemax",
+    "total_variation_1d",
     "tridiagonal_solve",
 ]
