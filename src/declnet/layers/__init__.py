@@ -7,6 +7,7 @@
 """
 
 from ._kernels import compile_mode, set_compile_mode
+from .least_squares import LeastSquares, least_squares
 from .penalties import (
     Huber,
     Penalty,
@@ -31,6 +32,7 @@ from .tridiagonal import tridiagonal_solve
 __all__ = [
     "Entmax",
     "Huber",
+    "LeastSquares",
     "LpProjection",
     "Penalty",
     "PseudoHuber",
@@ -44,6 +46,7 @@ __all__ = [
     "as_penalty",
     "compile_mode",
     "entmax",
+    "least_squares",
     "penalty_names",
     "project_onto_ball",
     "project_onto_simplex",
