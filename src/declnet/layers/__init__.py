@@ -8,6 +8,7 @@
 
 from ._kernels import compile_mode, set_compile_mode
 from .least_squares import LeastSquares, least_squares
+from .optimal_transport import OptimalTransport, optimal_transport
 from .penalties import (
     Huber,
     Penalty,
@@ -34,6 +35,7 @@ __all__ = [
     "Huber",
     "LeastSquares",
     "LpProjection",
+    "OptimalTransport",
     "Penalty",
     "PseudoHuber",
     "Quadratic",
@@ -47,6 +49,7 @@ __all__ = [
     "compile_mode",
     "entmax",
     "least_squares",
+    "optimal_transport",
     "penalty_names",
     "project_onto_ball",
     "project_onto_simplex",
