@@ -23,7 +23,7 @@ def marginals(bsz, size, gen):
     return x / x.sum(-1, keepdim=True)
 
 
-def numpy_sinkhorn(m, r, c, gamma, iters=5000):
+def numpy_sinkhorn(m, r, c, gamma, iters=1000):
     k = np.exp(-gamma * m)
     u = np.ones_like(r)
     for _ in range(iters):
@@ -84,7 +84,8 @@ def test_regression_gamma_10_plan_spanning_many_decades():
     m = (6.0 * torch.rand(2, 5, 4, generator=gen, dtype=DOUBLE)).requires_grad_(True)
     p = optimal_transport(m, gamma=10.0)
     assert p.min() < 1e-15 and p.max() > 0.1
-    assert torch.autograd.gradcheck(lambda t: optimal_transport(t, gamma=10.0), (m,))
+    fn = lambda t: optimal_transport(t, gamma=10.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (m,), fast_mode=True)
 
 
 def test_gradients_match_unrolled_sinkhorn_autograd():
