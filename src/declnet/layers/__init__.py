@@ -7,6 +7,7 @@
 """
 
 from ._kernels import compile_mode, set_compile_mode
+from .eigen import EigenDecomposition, eigenvectors
 from .least_squares import LeastSquares, least_squares
 from .optimal_transport import OptimalTransport, optimal_transport
 from .penalties import (
@@ -31,6 +32,7 @@ from .total_variation import TotalVariation1d, total_variation_1d
 from .tridiagonal import tridiagonal_solve
 
 __all__ = [
+    "EigenDecomposition",
     "Entmax",
     "Huber",
     "LeastSquares",
@@ -47,6 +49,7 @@ __all__ = [
     "Welsch",
     "as_penalty",
     "compile_mode",
+    "eigenvectors",
     "entmax",
     "least_squares",
     "optimal_transport",

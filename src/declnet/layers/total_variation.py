@@ -10,8 +10,8 @@ constant, and on each group the optimality condition reads
 
 with ``σ`` the signs ``sign(y_G − y_neighbour)`` of the jumps at the group's two ends
 (0 at the ends of the signal). Holding the groups and signs fixed (they are locally
-constant almost everywhere), differentiating gives the exact Jacobian (paper §4,
-Prop. 4.4 on the reduced problem over the groups):
+constant almost everywhere), differentiating gives the exact Jacobian (paper §4.7.2:
+Prop. 4.4 on the smooth reduced problem over the group values):
 
     dL/dx_i = mean_{G(i)}(v),      dL/dλ = − Σ_G c_G Σ_{i∈G} v_i,
 
