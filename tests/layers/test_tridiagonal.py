@@ -12,6 +12,14 @@ from declnet.layers import tridiagonal_solve
 DOUBLE = torch.float64
 
 
+@pytest.fixture(autouse=True, params=["thomas", "dense"])
+def path(request, monkeypatch):
+    """Run every test with both forward paths (Thomas loop and small dense LU)."""
+    limit = 0 if request.param == "thomas" else 10**9
+    monkeypatch.setattr("declnet.layers.tridiagonal._DENSE_MAX_WORK", limit)
+    return request.param
+
+
 def system(batch=(3,), n=6, seed=0, dtype=DOUBLE):
     gen = torch.Generator().manual_seed(seed)
     lower = torch.randn(*batch, n - 1, generator=gen, dtype=dtype)
@@ -106,13 +114,20 @@ def test_bad_inputs_have_clear_errors():
 def test_zero_pivot_warns():
     diag = torch.zeros(1, 3, dtype=DOUBLE)
     off = torch.ones(1, 2, dtype=DOUBLE)
-    with pytest.warns(declnet.DeclarativeWarning, match="zero pivot"):
+    with pytest.warns(declnet.DeclarativeWarning, match="singular|zero pivot"):
         tridiagonal_solve(off, diag, off, torch.ones(1, 3, dtype=DOUBLE))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(path):
     args = system(batch=(4,), n=8, seed=5)
     x = tridiagonal_solve(*[t.cuda() for t in args])
     torch.testing.assert_close(x.cpu(), tridiagonal_solve(*args))
+
+
+def test_default_dispatch_large_problem_uses_thomas(monkeypatch):
+    monkeypatch.undo()
+    lower, diag, upper, rhs = system(batch=(8,), n=200, seed=6)
+    x = tridiagonal_solve(lower, diag, upper, rhs)
+    torch.testing.assert_close(x, torch.linalg.solve(dense(lower, diag, upper), rhs))
