@@ -360,14 +360,17 @@ def main() -> None:
         if "formula" in case:
             bwd_fns.append(case["formula"])
             labels.append("formula")
-        reps = args.repeats
         if case["engine"] is not None:
             fn, e_ins, e_v = _engine_fn(case)
-            bwd_fns.append(backward_timer(fn, e_ins, e_v))
             labels.append("engine")
             if case.get("engine_flat") and ins[0].shape[-1] >= 100:
-                reps = 1
-        bwd = interleaved(bwd_fns, reps, target)
+                bwd = interleaved(bwd_fns, args.repeats, target)
+                bwd.append(interleaved([backward_timer(fn, e_ins, e_v)], 1, target)[0])
+            else:
+                bwd_fns.append(backward_timer(fn, e_ins, e_v))
+                bwd = interleaved(bwd_fns, args.repeats, target)
+        else:
+            bwd = interleaved(bwd_fns, args.repeats, target)
         fo, fp = fwd
         bo, bp = bwd[:2]
         line = (f"{case['name']:<18} {case['size']:<26}| {fo * 1e3:7.2f}ms {fp * 1e3:7.2f}ms "
