@@ -12,11 +12,20 @@ from declnet.layers import tridiagonal_solve
 DOUBLE = torch.float64
 
 
-@pytest.fixture(autouse=True, params=["thomas", "dense"])
+METHODS = ["thomas", "cyclic", "dense"]
+
+
+@pytest.fixture(autouse=True, params=METHODS)
 def path(request, monkeypatch):
-    """Run every test with both forward paths (Thomas loop and small dense LU)."""
-    limit = 0 if request.param == "thomas" else 10**9
-    monkeypatch.setattr("declnet.layers.tridiagonal._DENSE_MAX_WORK", limit)
+    """Run every test with each forward method (set as the default of "auto")."""
+    from declnet.layers import tridiagonal
+
+    real = tridiagonal._solve_last
+
+    def forced(lower, diag, upper, rhs, method="auto"):
+        return real(lower, diag, upper, rhs, request.param if method == "auto" else method)
+
+    monkeypatch.setattr(tridiagonal, "_solve_last", forced)
     return request.param
 
 
@@ -126,8 +135,24 @@ def test_cuda_matches_cpu(path):
     torch.testing.assert_close(x.cpu(), tridiagonal_solve(*args))
 
 
-def test_default_dispatch_large_problem_uses_thomas(monkeypatch):
+@pytest.mark.parametrize("n", [1, 2, 3, 200])
+def test_methods_agree_and_auto_dispatch(monkeypatch, n):
     monkeypatch.undo()
-    lower, diag, upper, rhs = system(batch=(8,), n=200, seed=6)
-    x = tridiagonal_solve(lower, diag, upper, rhs)
-    torch.testing.assert_close(x, torch.linalg.solve(dense(lower, diag, upper), rhs))
+    lower, diag, upper, rhs = system(batch=(8,), n=n, seed=6)
+    ref = torch.linalg.solve(dense(lower, diag, upper), rhs)
+    for method in ["auto", *METHODS]:
+        x = tridiagonal_solve(lower, diag, upper, rhs, method=method)
+        torch.testing.assert_close(x, ref)
+    with pytest.raises(ValueError, match="method must be one of"):
+        tridiagonal_solve(lower, diag, upper, rhs, method="lu")
+
+
+def test_symmetric_positive_definite_not_dominant(monkeypatch):
+    # The 1-D Laplacian (plus a tiny shift): SPD, only weakly dominant, cond ~ 1e4.
+    n = 100
+    off = -torch.ones(2, n - 1, dtype=DOUBLE)
+    diag = torch.full((2, n), 2.0 + 1e-6, dtype=DOUBLE)
+    rhs = torch.randn(2, n, dtype=DOUBLE)
+    ref = torch.linalg.solve(dense(off, diag, off), rhs)
+    x = tridiagonal_solve(off, diag, off, rhs)
+    assert float((x - ref).norm() / ref.norm()) < 1e-10
