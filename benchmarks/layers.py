@@ -10,7 +10,8 @@ share the machine's noise) of
     eigenvectors      torch.linalg.eigh
     total variation   projected gradient on the dual, 300 iterations (inexact)
     sparsemax/entmax  the sort-based threshold written in autograd-able operations
-    tridiagonal       torch.linalg.solve on the dense matrix
+    tridiagonal       torch.linalg.solve on the dense matrix (ours: the default method,
+                      and the Thomas algorithm for comparison)
 * formula (transport only): the structured closed-form backward written out in plain
   PyTorch on the same plan, i.e. the floor for our backward;
 * engine: the same problem as a generic declnet node (implicit backward by the engine).
@@ -321,6 +322,9 @@ def cases(engine_large: bool) -> list[dict[str, Any]]:
            rand(16, n - 1), rand(16, n)]
     out.append(dict(name="tridiagonal_solve", size=f"16x{n}", inputs=tri, v=rand(16, n),
                     ours=tridiagonal_solve, plain=tridiagonal_dense, engine=None))
+    out.append(dict(name="tridiagonal thomas", size=f"16x{n}", inputs=tri, v=rand(16, n),
+                    ours=lambda *t: tridiagonal_solve(*t, method="thomas"),
+                    plain=tridiagonal_dense, engine=None))
     tri_s = [t[:8, :31] if i in (0, 2) else t[:8, :32] for i, t in enumerate(tri)]
     out.append(dict(name="tridiagonal_solve", size="8x32", inputs=tri_s, v=rand(8, 32),
                     ours=tridiagonal_solve, plain=tridiagonal_dense, engine=TridiagonalNode()))

@@ -65,14 +65,3 @@ def as_param(value: Any, like: Tensor, name: str, *, positive: bool = False) -> 
         raise ValueError(f"every entry of {name} must be finite and {bound}; got {name}={first}.")
     return value
 
-
-def reduce_to(grad: Tensor | None, like: Tensor) -> Tensor | None:
-    """Sum a broadcast gradient back to the shape of ``like``."""
-    if grad is None:
-        return None
-    if grad.shape == like.shape:
-        return grad
-    extra = grad.dim() - like.dim()
-    if extra > 0:
-        grad = grad.sum(tuple(range(extra)))
-    return grad.sum_to_size(like.shape)
