@@ -98,3 +98,16 @@ def test_cuda_matches_cpu():
     lam = torch.rand(8, dtype=DOUBLE)
     torch.testing.assert_close(total_variation_1d(x.cuda(), lam.cuda()).cpu(),
                                total_variation_1d(x, lam))
+
+
+def test_torch_scan_matches_numpy_scan():
+    # The scan that runs on non-CPU devices, exercised here on CPU tensors.
+    from declnet.layers._condat import _NumpyOps, _scan, _TorchOps
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 25, generator=gen, dtype=DOUBLE)
+    lam = torch.tensor([0.0, 0.1, 0.3, 1.0, 3.0], dtype=DOUBLE)
+    start_t, value_t = _scan(x, lam, _TorchOps(5, x.device))
+    start_n, value_n = _scan(x.numpy(), lam.numpy(), _NumpyOps(5, x.device))
+    np.testing.assert_array_equal(start_t.numpy(), start_n)
+    np.testing.assert_allclose(value_t.numpy(), value_n, rtol=0, atol=1e-14)
