@@ -106,21 +106,27 @@ _DENSE_MAX_WORK = 200_000
 _METHODS = ("auto", "thomas", "cyclic", "dense")
 
 
-def _solve_last(
-    lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, method: str = "auto"
-) -> Tensor:
-    """Solve on ``(..., n)`` inputs of one common shape; returns ``(..., n)``."""
-    n = diag.shape[-1]
-    if method == "auto":
-        method = "dense" if diag.numel() * n <= _DENSE_MAX_WORK else "cyclic"
+def _resolve(method: str, numel: int, n: int) -> str:
+    """The concrete method for ``"auto"``: dense for small problems, cyclic otherwise."""
+    if method != "auto":
+        return method
+    return "dense" if numel * n <= _DENSE_MAX_WORK else "cyclic"
+
+
+def _dense_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -> Tensor:
+    """Batched LU with partial pivoting on the assembled matrix, differentiated by autograd
+    (whose backward is one transposed solve with the same LU factors); NaN if singular."""
+    t = torch.diag_embed(diag)
+    if diag.shape[-1] > 1:
+        t = t + torch.diag_embed(upper, 1) + torch.diag_embed(lower, -1)
+    x, info = torch.linalg.solve_ex(t, rhs)
+    return torch.where(info.unsqueeze(-1) == 0, x, torch.nan)
+
+
+def _solve_last(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, method: str) -> Tensor:
+    """Thomas or cyclic reduction on ``(..., n)`` inputs of one shape; returns ``(..., n)``."""
     if method == "cyclic":
         return _cyclic_reduction(lower, diag, upper, rhs)
-    if method == "dense":
-        t = torch.diag_embed(diag)
-        if n > 1:
-            t = t + torch.diag_embed(upper, 1) + torch.diag_embed(lower, -1)
-        x, info = torch.linalg.solve_ex(t, rhs)
-        return torch.where(info.unsqueeze(-1) == 0, x, torch.nan)
     out = _thomas(
         lower.movedim(-1, 0), diag.movedim(-1, 0), upper.movedim(-1, 0), rhs.movedim(-1, 0)
     )
@@ -170,7 +176,8 @@ def tridiagonal_solve(
             vectorised steps), ``"dense"`` (batched LU with partial pivoting on the
             assembled matrix) or ``"auto"``: dense when batch · n² <= 2·10⁵, cyclic
             otherwise (the fastest in PyTorch, where each dependent step costs a few
-            kernel calls). The backward uses the same method.
+            kernel calls). The backward uses the same method (for dense, autograd
+            through the LU solve, which reuses its factors).
 
     Returns:
         ``(..., n)`` the solution ``x``, with the broadcast batch shape.
@@ -218,7 +225,11 @@ def tridiagonal_solve(
     b_diag = diag.expand(*batch, n)
     b_upper = upper.expand(*batch, n - 1)
     b_rhs = rhs.expand(*batch, n)
-    x = _TridiagonalFunction.apply(b_lower, b_diag, b_upper, b_rhs, method)
+    method = _resolve(method, b_diag.numel(), n)
+    if method == "dense":
+        x = _dense_solve(b_lower, b_diag, b_upper, b_rhs)
+    else:
+        x = _TridiagonalFunction.apply(b_lower, b_diag, b_upper, b_rhs, method)
     if not bool(torch.isfinite(x).all()) and bool(
         torch.isfinite(diag).all() & torch.isfinite(rhs).all()
     ):
