@@ -1,7 +1,7 @@
 """optimal_transport: forward against an independent numpy Sinkhorn, the structured
 backward against finite differences, dense autograd through an unrolled solver and the
 generic engine (γ = 1); regressions: per-sample marginals with B > 1 (the stopping test
-fires) and γ = 10 with P spanning 1e-20…1 (against finite differences in float64 only:
+fires) and γ = 10 with P spanning 1e-29…0.2 (against finite differences in float64 only:
 the generic engine is inaccurate at that scale)."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_regression_gamma_10_plan_spanning_many_decades():
     gen = torch.Generator().manual_seed(3)
     m = (6.0 * torch.rand(2, 5, 4, generator=gen, dtype=DOUBLE)).requires_grad_(True)
     p = optimal_transport(m, gamma=10.0)
-    assert p.min() < 1e-15 and p.max() > 0.1
+    assert p.min() < 1e-25 and p.max() > 0.1  # P spans 2e-29…0.2
     fn = lambda t: optimal_transport(t, gamma=10.0)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (m,), fast_mode=True)
 
