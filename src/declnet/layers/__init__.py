@@ -7,6 +7,9 @@
 """
 
 from ._kernels import compile_mode, set_compile_mode
+from .eigen import EigenDecomposition, eigenvectors
+from .least_squares import LeastSquares, least_squares
+from .optimal_transport import OptimalTransport, optimal_transport
 from .penalties import (
     Huber,
     Penalty,
@@ -24,19 +27,32 @@ from .projections import (
     project_onto_sphere,
 )
 from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
+from .sparse_attention import Entmax, Sparsemax, entmax, sparsemax
+from .total_variation import TotalVariation1d, total_variation_1d
+from .tridiagonal import tridiagonal_solve
 
 __all__ = [
+    "EigenDecomposition",
+    "Entmax",
     "Huber",
+    "LeastSquares",
     "LpProjection",
+    "OptimalTransport",
     "Penalty",
     "PseudoHuber",
     "Quadratic",
     "RobustPool",
     "RobustVectorPool",
+    "Sparsemax",
+    "TotalVariation1d",
     "TruncatedQuadratic",
     "Welsch",
     "as_penalty",
     "compile_mode",
+    "eigenvectors",
+    "entmax",
+    "least_squares",
+    "optimal_transport",
     "penalty_names",
     "project_onto_ball",
     "project_onto_simplex",
@@ -44,4 +60,7 @@ __all__ = [
     "robust_pool",
     "robust_vector_pool",
     "set_compile_mode",
+    "sparsemax",
+    "total_variation_1d",
+    "tridiagonal_solve",
 ]

@@ -1,0 +1,143 @@
+"""Eigenvectors of symmetric matrices as a declarative layer.
+
+The top k eigenvectors of a symmetric ``X`` solve the problem on the Stiefel manifold
+
+    Y(X) = argmax_{Yᵀ Y = I_k} tr(Yᵀ X Y)      (argmin for the bottom k)
+
+(paper §4.3, Prop. 4.5 with the orthonormality constraints as ``h``), with the
+columns ordered by eigenvalue and a fixed sign. The forward is a batched symmetric
+eigendecomposition (``torch.linalg.eigh``). Implicit differentiation of
+``X y_j = λ_j y_j``, ``y_jᵀ y_j = 1`` gives for the j-th column
+``dy_j = (λ_j I − X)⁺ dX y_j``, so with ``U``, ``λ`` the full decomposition and ``G``
+the incoming gradient (n × k),
+
+    dL/dX = sym( U [F ⊙ (Uᵀ G)] Yᵀ ),   F_ij = 1 / (λ_j − λ_i)  for λ_i ≠ λ_j, else 0,
+
+with ``sym(A) = (A + Aᵀ)/2`` (the gradient on symmetric matrices).
+
+Repeated eigenvalues: where ``|λ_i − λ_j|`` is within rounding (100 eps max|λ|) the
+eigenvectors are not differentiable (not even unique); ``F_ij`` is set to 0, the
+pseudo-inverse of the singular ``(λ_j I − X)`` (paper §4.7.4, equation (35) with
+Z = 0). The gradient is then the exact gradient of any loss that is invariant to
+rotations within the repeated eigenspace (the projector ``Y Yᵀ``, subspace
+distances), and finite for every loss: no NaN.
+
+Sign convention: each eigenvector is scaled by ±1 so that its entry of largest
+magnitude (the first such entry on ties) is positive; the sign is a deterministic
+function of ``X``, stable across calls and devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_tensor
+
+__all__ = ["EigenDecomposition", "eigenvectors"]
+
+
+def _select(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (λ, U, λ_sel, Y_sel) with fixed signs; eigenvalues ordered as requested."""
+    lam, u = torch.linalg.eigh(x)  # ascending
+    if largest:
+        lam, u = lam.flip(-1), u.flip(-1)
+    big = u.abs().argmax(-2, keepdim=True)  # (..., 1, n): the first largest entry
+    sign = torch.sign(u.gather(-2, big))
+    u = u * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return lam, u, lam[..., :k], u[..., :k]
+
+
+class _EigenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+        lam, u, _, y = _select(x, k, largest)
+        return y, torch.cat([lam.unsqueeze(-2), u], dim=-2)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        _, k, _ = inputs
+        _, packed = output
+        ctx.mark_non_differentiable(packed)
+        ctx.k = k
+        ctx.save_for_backward(packed)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _: Any) -> tuple[Tensor | None, ...]:
+        (packed,) = ctx.saved_tensors
+        lam, u = packed[..., 0, :], packed[..., 1:, :]
+        k = ctx.k
+        y = u[..., :k]
+        gap = lam[..., :k].unsqueeze(-2) - lam.unsqueeze(-1)  # (..., n, k): λ_j − λ_i
+        tol = 100 * torch.finfo(lam.dtype).eps * lam.abs().amax(-1, keepdim=True).unsqueeze(-1)
+        safe = torch.where(gap.abs() > tol, gap, torch.ones_like(gap))
+        f = torch.where(gap.abs() > tol, 1.0 / safe, torch.zeros_like(gap))
+        a = u @ (f * (u.mT @ g)) @ y.mT
+        return 0.5 * (a + a.mT), None, None
+
+
+def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
+    """The top (or bottom) ``k`` eigenvectors of symmetric matrices, differentiably.
+
+    ``Y = argmax_{YᵀY = I} tr(YᵀXY)`` (argmin if ``largest=False``), with a sign
+    convention stable across calls (the largest-magnitude entry of each column is
+    positive) and a closed-form backward that stays finite at repeated eigenvalues
+    (module docstring).
+
+    Args:
+        X: ``(..., n, n)`` symmetric matrices, float32 or float64 (symmetric to within
+            √eps relative; the symmetric part is used).
+        k: the number of eigenvectors, ``1 <= k <= n``.
+        largest: the top ``k`` (by eigenvalue, largest first) or the bottom ``k``
+            (smallest first).
+
+    Returns:
+        ``(..., n, k)`` orthonormal eigenvectors as columns.
+
+    Raises:
+        TypeError / ValueError: for non-square or non-symmetric ``X`` or a bad ``k``.
+
+    Example:
+        >>> S = torch.randn(8, 5, 5); X = S @ S.mT
+        >>> v = eigenvectors(X, k=2)            # (8, 5, 2): the two principal directions
+    """
+    X = check_tensor(X, "X", min_dim=2)
+    n = X.shape[-1]
+    if X.shape[-2] != n or n == 0:
+        raise ValueError(f"X must be a batch of square matrices (..., n, n); got {tuple(X.shape)}.")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int with 1 <= k <= n = {n}; got k={k!r}.")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool; got {largest!r}.")
+    xd = X.detach()
+    asym = (xd - xd.mT).abs().amax()
+    scale = xd.abs().amax().clamp(min=torch.finfo(X.dtype).tiny)
+    if bool(asym > torch.finfo(X.dtype).eps ** 0.5 * scale) or not bool(torch.isfinite(asym)):
+        raise ValueError(
+            f"X must be symmetric (and finite); got max |X − Xᵀ| = {float(asym):.3g} for "
+            f"max |X| = {float(scale):.3g}. Pass the symmetric part (X + X.mT) / 2."
+        )
+    y, _ = _EigenFunction.apply(0.5 * (X + X.mT), k, largest)
+    return y
+
+
+class EigenDecomposition(nn.Module):
+    """Module form of :func:`eigenvectors`.
+
+    Args:
+        k: the number of eigenvectors.
+        largest: top ``k`` (default) or bottom ``k``.
+    """
+
+    def __init__(self, k: int = 1, largest: bool = True) -> None:
+        super().__init__()
+        self.k = k
+        self.largest = largest
+
+    def forward(self, X: Tensor) -> Tensor:
+        return eigenvectors(X, self.k, self.largest)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, largest={self.largest}"
