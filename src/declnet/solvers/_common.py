@@ -196,10 +196,13 @@ class Solver:
 def backtrack(merit: Any, y: Tensor, d: Tensor, phi0: Tensor, slope: Tensor,
               steps: int = 30, c: float = 1e-4) -> Tensor:
     """Batched Armijo backtracking: the largest ``t = 2^-k`` with
-    ``merit(y + t d) ≤ phi0 + c t slope`` per sample (``slope < 0``); ``(B,)``.
+    ``merit(y + t d) ≤ phi0 + c t slope + 10 eps |phi0|`` per sample (``slope < 0``);
+    ``(B,)``. The last term forgives rounding in the merit function, which would otherwise
+    stall the search once the decrease predicted by ``slope`` is below ``eps |phi0|``.
 
     Samples that never satisfy it take the last (smallest) step.
     """
+    slack = 10 * float(torch.finfo(y.dtype).eps) * phi0.abs()
     B = y.shape[0]
     t = torch.ones(B, dtype=y.dtype, device=y.device)
     todo = torch.ones(B, dtype=torch.bool, device=y.device)
@@ -209,7 +212,7 @@ def backtrack(merit: Any, y: Tensor, d: Tensor, phi0: Tensor, slope: Tensor,
             break
         ti = t[idx]
         phi = merit(idx, y[idx] + ti.unsqueeze(-1) * d[idx])
-        ok = torch.isfinite(phi) & (phi <= phi0[idx] + c * ti * slope[idx])
+        ok = torch.isfinite(phi) & (phi <= phi0[idx] + c * ti * slope[idx] + slack[idx])
         todo[idx[ok]] = False
         t[idx[~ok]] = ti[~ok] * 0.5
     return t
