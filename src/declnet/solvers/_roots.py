@@ -233,7 +233,7 @@ class Anderson(Solver):
             A = y.new_zeros(nb, n + 1, n + 1)
             A[:, 0, 1:] = 1.0
             A[:, 1:, 0] = 1.0
-            reg = self.lam * (1.0 + RR.diagonal(dim1=1, dim2=2).amax(-1))
+            reg = self.lam * RR.diagonal(dim1=1, dim2=2).amax(-1) + torch.finfo(y.dtype).tiny
             A[:, 1:, 1:] = RR + reg[:, None, None] * torch.eye(n, dtype=y.dtype, device=y.device)
             rhs = y.new_zeros(nb, n + 1)
             rhs[:, 0] = 1.0
