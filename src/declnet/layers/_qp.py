@@ -133,8 +133,8 @@ def solve_qp(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
         lu, piv = _factor(Qi, Gi, Ai, si / zi)
         LU[idx], PIV[idx] = lu, piv
         done = err <= tol
-        blown = ~done & ((yi.abs().amax(-1) > huge * sp[sel])
-                         | (torch.cat([zi, nui], 1).abs().amax(-1) > huge * sp[sel])
+        dual = torch.cat([zi, nui, zero.unsqueeze(-1)], 1).abs().amax(-1)
+        blown = ~done & ((yi.abs().amax(-1) > huge * sp[sel]) | (dual > huge * sp[sel])
                          | ~torch.isfinite(err))
         converged[idx[done]] = True
         diverged[idx[blown]] = True
