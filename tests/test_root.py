@@ -78,9 +78,10 @@ class DEQ(FixedPointNode):
         return x.new_zeros(x.shape[0], self.W.shape[0])
 
 
-@pytest.mark.parametrize("linear_solver", ["lu", "gmres"])
+@pytest.mark.parametrize("linear_solver", ["lu", "gmres", "auto"])
 def test_deq_gradient_against_unrolled_iteration_and_finite_differences(linear_solver):
-    node = DEQ(5, 12, linear_solver=linear_solver)
+    # "auto" with m = 12 > dense_limit = 4: the adjoint fixed-point iteration
+    node = DEQ(5, 12, linear_solver=linear_solver, dense_limit=4)
     x = torch.randn(3, 5, dtype=DT, requires_grad=True)
     y = node(x)
     assert bool(node.solver_info["converged"].all())
@@ -106,6 +107,20 @@ def test_deq_gradient_against_unrolled_iteration_and_finite_differences(linear_s
             t += eps * d
         torch.testing.assert_close((fp - fm) / (2 * eps), (g * d).sum(), atol=1e-7, rtol=1e-6,
                                    msg=f"input {k}")
+
+
+def test_adjoint_iteration_falls_back_to_gmres_when_it_diverges():
+    node = DEQ(4, 6, dense_limit=2)
+    with torch.no_grad():
+        node.W.mul_(3.0)  # D_Y G may have spectral radius > 1 now: Picard on u diverges
+    node.solver = solvers.Newton()
+    x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    y = node(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    lu = DEQ(4, 6, linear_solver="lu", solver=solvers.Newton())
+    lu.load_state_dict(node.state_dict())
+    (g_lu,) = torch.autograd.grad(lu(x).sum(), x)
+    torch.testing.assert_close(g, g_lu)
 
 
 def test_fixed_point_with_another_solver():
