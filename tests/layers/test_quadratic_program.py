@@ -84,7 +84,7 @@ def test_equality_only_and_unconstrained():
     torch.testing.assert_close(quadratic_program(Q, p), torch.linalg.solve(Q, -p))
 
 
-def _fd_check(args, eps=1e-6, tol=1e-6):
+def _fd_check(args, eps=1e-5, tol=1e-6):
     args = [t.clone().requires_grad_(True) for t in args]
     w = torch.randn(args[1].shape[0] if args[1].dim() == 2 else 1, args[1].shape[-1], dtype=DT)
     (w * quadratic_program(*args)).sum().backward()

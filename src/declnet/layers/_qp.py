@@ -2,10 +2,11 @@
 
 ``min_y ½ yᵀQy + pᵀy`` s.t. ``Gy ≤ h`` (``q`` rows) and ``Ay = b`` (``r`` rows), with slacks
 ``s = h − Gy ≥ 0`` and multipliers ``z ≥ 0`` (inequalities), ``ν`` (equalities). Every
-iteration factors the augmented KKT matrix
-``K = [[Q, Gᵀ, Aᵀ], [G, −diag(s/z), 0], [A, 0, 0]]`` once (batched LU) and uses it for
-both the predictor and the corrector; the factorisation at the
-returned point is kept for the backward pass (Amos & Kolter, 2017, "OptNet").
+iteration factors the reduced KKT matrix ``[[Q + Gᵀ diag(z/s) G, Aᵀ], [A, 0]]`` once
+(batched Cholesky and a Schur complement) and uses it for both the predictor and the
+corrector; at the returned point the well-conditioned augmented matrix
+``K = [[Q, Gᵀ, Aᵀ], [G, −diag(s/z), 0], [A, 0, 0]]`` is factored once (batched LU) and
+kept for the backward pass (Amos & Kolter, 2017, "OptNet").
 """
 
 from __future__ import annotations
@@ -69,6 +70,42 @@ def kkt_solve(lu: Tensor, piv: Tensor, r1: Tensor, r2: Tensor, r3: Tensor
     return sol[:, :m], sol[:, m:m + q], sol[:, m + q:]
 
 
+def _reduced_factor(Q: Tensor, G: Tensor, A: Tensor, d: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Cholesky factors for the reduced system ``[[Q + Gᵀ diag(d) G, Aᵀ], [A, 0]]``
+    (``d = z/s``): ``L`` of ``M = Q + GᵀDG + δI``, ``Y = M⁻¹Aᵀ`` and ``Lₛ`` of the Schur
+    complement ``A M⁻¹ Aᵀ``; cheaper than the augmented LU (``m`` instead of ``m + q + r``)
+    and accurate enough for the steps. None where ``M`` or the Schur complement is not
+    numerically positive definite (the caller then uses the augmented system)."""
+    m, r = Q.shape[-1], A.shape[1]
+    M = Q + G.transpose(1, 2) @ (d.unsqueeze(-1) * G)
+    delta = 100 * torch.finfo(Q.dtype).eps * (1.0 + Q.abs().amax((1, 2)))
+    M = M + delta[:, None, None] * torch.eye(m, dtype=Q.dtype, device=Q.device)
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool((info > 0).any()):
+        return None
+    Y = torch.cholesky_solve(A.transpose(1, 2), L)
+    Ls = L.new_zeros(L.shape[0], 0, 0)
+    if r:
+        S = A @ Y
+        Ls, info = torch.linalg.cholesky_ex(S)
+        if bool((info > 0).any()):
+            return None
+    return L, Y, Ls
+
+
+def _reduced_solve(fac: tuple[Tensor, Tensor, Tensor], A: Tensor, ry: Tensor, re: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """Solve ``[[M, Aᵀ], [A, 0]] [u; w] = [ry; re]`` with :func:`_reduced_factor`'s factors:
+    ``w = S⁻¹(A M⁻¹ ry − re)``, ``u = M⁻¹ry − Y w``."""
+    L, Y, Ls = fac
+    u = torch.cholesky_solve(ry.unsqueeze(-1), L).squeeze(-1)
+    if A.shape[1] == 0:
+        return u, ry.new_zeros(ry.shape[0], 0)
+    w = torch.cholesky_solve((_bmv(A, u) - re).unsqueeze(-1), Ls).squeeze(-1)
+    return u - _bmv(Y, w), w
+
+
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     """``(B,)`` the largest ``α ≤ 1`` with ``v + α dv ≥ 0``."""
     if v.shape[1] == 0:
@@ -88,7 +125,7 @@ def solve_qp(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
         tol: relative stopping tolerance.
         max_iter: iteration limit.
     """
-    B, m = p.shape
+    B = p.shape[0]
     q, r = G.shape[1], A.shape[1]
     dev, dt = p.device, p.dtype
     # start: the least-squares point of the KKT system with D = I, slacks shifted inside
@@ -101,8 +138,6 @@ def solve_qp(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
     sp = 1.0 + p.abs().amax(-1) + Q.abs().amax((1, 2))
     sh = 1.0 + (h.abs().amax(-1) if q else p.new_zeros(B))
     sb = 1.0 + (b.abs().amax(-1) if r else p.new_zeros(B))
-    LU = p.new_zeros(B, m + q + r, m + q + r)
-    PIV = torch.ones(B, m + q + r, dtype=torch.int32, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     converged = torch.zeros_like(active)
     diverged = torch.zeros_like(active)
@@ -130,8 +165,6 @@ def solve_qp(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
             mu / obj,
         ]).amax(0)
         res[idx] = err
-        lu, piv = _factor(Qi, Gi, Ai, si / zi)
-        LU[idx], PIV[idx] = lu, piv
         done = err <= tol
         dual = torch.cat([zi, nui, zero.unsqueeze(-1)], 1).abs().amax(-1)
         blown = ~done & ((yi.abs().amax(-1) > huge * sp[sel]) | (dual > huge * sp[sel])
@@ -146,14 +179,23 @@ def solve_qp(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
             break
         if not bool(keep.all()):
             idx = idx[keep]
-            Gi, Gt, yi, si, zi, nui = Gi[keep], Gt[keep], yi[keep], si[keep], zi[keep], nui[keep]
-            rd, rp, re, mu, lu, piv = rd[keep], rp[keep], re[keep], mu[keep], lu[keep], piv[keep]
+            Qi, Gi, Gt, Ai = Qi[keep], Gi[keep], Gt[keep], Ai[keep]
+            yi, si, zi, nui = yi[keep], si[keep], zi[keep], nui[keep]
+            rd, rp, re, mu = rd[keep], rp[keep], re[keep], mu[keep]
+        fac = _reduced_factor(Qi, Gi, Ai, zi / si)
+        lu, piv = _factor(Qi, Gi, Ai, si / zi) if fac is None else (None, None)
 
-        def direction(rc: Tensor, Gi: Tensor = Gi, Gt: Tensor = Gt, si: Tensor = si,
-                      zi: Tensor = zi, rd: Tensor = rd, rp: Tensor = rp, re: Tensor = re,
-                      lu: Tensor = lu, piv: Tensor = piv) -> tuple[Tensor, ...]:
-            dy, dz, dnu = kkt_solve(lu, piv, -rd, -rp + rc / zi, -re)
-            ds = (-rc - si * dz) / zi
+        def direction(rc: Tensor, Gi: Tensor = Gi, Gt: Tensor = Gt, Ai: Tensor = Ai,
+                      si: Tensor = si, zi: Tensor = zi, rd: Tensor = rd, rp: Tensor = rp,
+                      re: Tensor = re, fac: tuple[Tensor, Tensor, Tensor] | None = fac,
+                      lu: Tensor | None = lu, piv: Tensor | None = piv) -> tuple[Tensor, ...]:
+            if fac is None:
+                dy, dz, dnu = kkt_solve(lu, piv, -rd, -rp + rc / zi, -re)
+                ds = (-rc - si * dz) / zi
+            else:
+                dy, dnu = _reduced_solve(fac, Ai, -rd + _bmv(Gt, (rc - zi * rp) / si), -re)
+                ds = -rp - _bmv(Gi, dy)
+                dz = (-rc - zi * ds) / si
             return dy, dnu, ds, dz
 
         # predictor (affine scaling), then Mehrotra's centring-corrector with the same factor
@@ -177,6 +219,7 @@ def solve_qp(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
         y[idx], nu[idx], s[idx], z[idx] = new
         iters[idx] += 1
     status = _classify(Q, p, G, h, A, b, y, z, nu, converged, diverged, tol)
+    LU, PIV = _factor(Q, G, A, s / z)  # at the returned point, for the backward pass
     return QPResult(y, z, nu, s, LU, PIV, converged, iters, res, status)
 
 
