@@ -128,3 +128,14 @@ def test_interior_point_reports_infeasible_problems():
     assert not bool(sol.info["converged"].any())
     with pytest.raises(solvers.ConvergenceError):
         solvers.InteriorPoint(max_iter=40, strict=True)(Infeasible(), x)
+
+
+def test_sqp_on_a_feasibility_problem_and_a_linear_equality_node():
+    cubic = _start(testing.CubicFeasibility(), lambda x: torch.zeros_like(x))
+    x = torch.randn(4, 3, dtype=DT, generator=_gen(5))
+    torch.testing.assert_close(solvers.SQP()(cubic, x).y, cubic.solve(x), atol=1e-10, rtol=0)
+    kl = _start(testing.MinKLOnSimplex(), lambda x: torch.full_like(x, 0.2))
+    x = torch.randn(4, 5, dtype=DT, generator=_gen(6))
+    sol = solvers.SQP()(kl, x)  # log(y) is NaN off the positive orthant: the search backs off
+    assert bool(sol.info["converged"].all())
+    torch.testing.assert_close(sol.y, kl.solve(x), atol=1e-9, rtol=0)
