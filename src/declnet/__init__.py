@@ -6,7 +6,7 @@ implicit differentiation of the optimality conditions rather than from
 back-propagating through the solver.
 """
 
-from . import layers, testing
+from . import layers, solvers, testing
 from ._diagnostics import DeclarativeWarning, OptimalityResidual
 from ._function import DeclarativeFunction
 from ._implicit import implicit_vjp, optimality_residual
@@ -19,6 +19,7 @@ from ._node import (
     declarative,
 )
 from ._operators import DenseOperator, DiagonalOperator, LinearOperator, MatrixFreeOperator
+from ._root import FixedPointNode, RootNode
 from ._solution import Solution
 from .layers import (
     EigenDecomposition,
@@ -61,6 +62,7 @@ __all__ = [
     "EigenDecomposition",
     "Entmax",
     "EqualityConstrainedNode",
+    "FixedPointNode",
     "Huber",
     "ImplicitBackward",
     "InequalityConstrainedNode",
@@ -76,6 +78,7 @@ __all__ = [
     "Quadratic",
     "RobustPool",
     "RobustVectorPool",
+    "RootNode",
     "Solution",
     "Sparsemax",
     "TotalVariation1d",
@@ -96,6 +99,7 @@ __all__ = [
     "project_onto_sphere",
     "robust_pool",
     "robust_vector_pool",
+    "solvers",
     "sparsemax",
     "testing",
     "total_variation_1d",

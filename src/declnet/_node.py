@@ -18,6 +18,7 @@ from ._diagnostics import check_batched, node_name
 from ._implicit import jacobian as _jacobian
 from ._modes import ImplicitBackward, UnrolledBackward, check_mode
 from ._solution import Solution
+from .solvers import default_solver
 
 __all__ = [
     "DeclarativeNode",
@@ -35,7 +36,9 @@ class DeclarativeNode(nn.Module):
 
     - ``objective(*xs, y) -> (B,)``: the objective for each sample, batched; ``y`` is passed
       by keyword and has the shape that ``solve`` returns, ``(B, ...)``.
-    - ``solve(*xs) -> y or Solution``: any algorithm at all, run under ``torch.no_grad()``.
+    - ``solve(*xs) -> y or Solution``: any algorithm at all, run under ``torch.no_grad()``;
+      or no ``solve`` at all and ``initial_guess(*xs) -> y0``, and a built-in batched solver
+      runs (``solver=`` chooses it; by default one is picked from the node's kind and size).
 
     Optionally, ``hessian(*xs, y, multipliers)`` returns the Hessian of the Lagrangian at
     ``y`` — a dense ``(B, m, m)`` tensor or a :class:`~declnet.LinearOperator` (e.g.
@@ -61,6 +64,10 @@ class DeclarativeNode(nn.Module):
             ``optimality_tol``; a wrong ``y`` is the most common user error.
         optimality_tol: tolerance for that check, relative to ``1 + ‖D_Y f‖`` (default
             ``sqrt(eps)`` of the dtype, times 10).
+        solver: the forward solver used when the class has no ``solve`` (a
+            :mod:`declnet.solvers` solver such as ``declnet.solvers.Newton()``); a
+            user-written ``solve`` wins.
+        strict: raise instead of warning when the default solver does not converge.
 
     Example:
         >>> class Mean(declnet.DeclarativeNode):
@@ -94,8 +101,17 @@ class DeclarativeNode(nn.Module):
         backward: Any = None,
         check_optimality: bool = False,
         optimality_tol: float | None = None,
+        solver: Any = None,
+        strict: bool = False,
     ) -> None:
         super().__init__()
+        if solver is not None and not callable(solver):
+            raise TypeError(
+                f"{node_name(self)}: solver must be a declnet.solvers solver (called as "
+                f"solver(node, *xs) -> Solution), got {type(solver).__name__}."
+            )
+        self.solver = solver
+        self.strict = bool(strict)
         if backward is not None and not isinstance(backward, (ImplicitBackward,
                                                                 UnrolledBackward)):
             raise TypeError(
@@ -118,11 +134,22 @@ class DeclarativeNode(nn.Module):
 
     def solve(self, *xs: Any) -> Tensor | Solution:
         """Solve the optimisation problem for a batch; runs under ``torch.no_grad()``.
-        Abstract: subclasses implement it."""
-        raise TypeError(
-            f"{node_name(self)} has no `solve` method. Implement `solve(self, *xs)` returning "
-            "the minimiser y of shape (B, ...) (or a declnet.Solution)."
-        )
+
+        Subclasses usually implement it with any algorithm. Without one, the node's
+        ``solver`` (a :mod:`declnet.solvers` solver) runs, or one chosen from the node's kind
+        and size (:func:`declnet.solvers.default_solver`), starting from
+        ``initial_guess(*xs)``; ``strict=True`` makes non-convergence an error.
+        """
+        if not callable(getattr(self, "initial_guess", None)):
+            raise TypeError(
+                f"{node_name(self)} has no `solve` method. Implement `solve(self, *xs)` "
+                "returning the minimiser y of shape (B, ...) (or a declnet.Solution), or define "
+                "`initial_guess(self, *xs)` returning a starting point of that shape so that a "
+                "built-in solver (declnet.solvers) can run."
+            )
+        solver = self.solver if self.solver is not None else \
+            default_solver(self, *xs, strict=self.strict)
+        return solver(self, *xs)
 
     # -- structure queried by the engine ----------------------------------------------------
     @property

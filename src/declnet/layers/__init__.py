@@ -4,6 +4,7 @@
   ``RobustPool``, ``robust_vector_pool`` / ``RobustVectorPool``.
 - Lp projections (paper §5.2, Table 2): ``project_onto_sphere``, ``project_onto_ball``,
   ``project_onto_simplex`` and ``LpProjection``.
+- Quadratic programs (OptNet): ``quadratic_program`` / ``QuadraticProgram``.
 """
 
 from ._kernels import compile_mode, set_compile_mode
@@ -26,6 +27,7 @@ from .projections import (
     project_onto_simplex,
     project_onto_sphere,
 )
+from .quadratic_program import QuadraticProgram, QuadraticProgramError, quadratic_program
 from .robust_pool import RobustPool, RobustVectorPool, robust_pool, robust_vector_pool
 from .sparse_attention import Entmax, Sparsemax, entmax, sparsemax
 from .total_variation import TotalVariation1d, total_variation_1d
@@ -41,6 +43,8 @@ __all__ = [
     "Penalty",
     "PseudoHuber",
     "Quadratic",
+    "QuadraticProgram",
+    "QuadraticProgramError",
     "RobustPool",
     "RobustVectorPool",
     "Sparsemax",
@@ -57,6 +61,7 @@ __all__ = [
     "project_onto_ball",
     "project_onto_simplex",
     "project_onto_sphere",
+    "quadratic_program",
     "robust_pool",
     "robust_vector_pool",
     "set_compile_mode",
