@@ -24,9 +24,10 @@ __all__ = ["check_solution", "problem", "vjp"]
 
 
 def problem(node: Any, xs: Sequence[Any], y: Tensor, options: Any, solution: Any = None,
-            need_grad: Sequence[bool] | None = None) -> Problem:
+            need_grad: Sequence[bool] | None = None, attach: bool = False,
+            params: Sequence[Tensor] = ()) -> Problem:
     """Evaluate the node's problem at ``(x, y)`` (see :class:`~declnet._problem.Problem`)."""
-    return Problem(node, xs, y, options, solution, need_grad)
+    return Problem(node, xs, y, options, solution, need_grad, attach, params)
 
 
 def _dependent_rows(prob: Problem, res: KKTResult, v: Tensor) -> Tensor:
@@ -118,17 +119,19 @@ def vjp(
             need_grad = [isinstance(x, Tensor) and x.requires_grad for x in xs]
         return ([torch.zeros_like(x) if isinstance(x, Tensor) and ng else None
                  for x, ng in zip(xs, need_grad)], [torch.zeros_like(p) for p in params])
-    prob = problem(node, xs, y, options, solution, need_grad)
+    prob = problem(node, xs, y, options, solution, need_grad, attach=create_graph,
+                   params=params)
     multi = grad_y.dim() == y.dim() + 1
     B, m = prob.batch, prob.m
     targets = [x for x in prob.xs_d if isinstance(x, Tensor) and x.requires_grad]
-    targets += list(params)
+    targets += list(prob.params)
     if not targets:
         return [None] * len(xs), [None] * len(params)
+    gy = grad_y if create_graph else grad_y.detach()
     if multi:
-        v = grad_y.detach().reshape(grad_y.shape[0], B, m).permute(1, 2, 0).to(prob.dtype)
+        v = gy.reshape(grad_y.shape[0], B, m).permute(1, 2, 0).to(prob.dtype)
     else:
-        v = grad_y.detach().reshape(B, m, 1).to(prob.dtype)
+        v = gy.reshape(B, m, 1).to(prob.dtype)
 
     res = solve_kkt(prob, v, force_dense=force_dense)
     if bool(res.dependent.any()):
@@ -144,6 +147,8 @@ def vjp(
             grads_out.append(w2)
         grads_out = [g.permute(2, 0, 1).contiguous() if multi else g.squeeze(-1)
                      for g in grads_out]
+        if not create_graph:
+            grads_out = [g.detach() for g in grads_out]
         keep = [i for i, o in enumerate(outputs) if o.requires_grad]
         if keep:
             raw = list(torch.autograd.grad(

@@ -6,12 +6,21 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._diagnostics import node_name
 from ._running import solve_node
 
 __all__ = ["DeclarativeFunction"]
+
+
+class _Cached:
+    """Marks a solution already computed: re-attaches ``y`` to the inputs without solving
+    again (the differentiable backward builds on it)."""
+
+    __slots__ = ("solution",)
+
+    def __init__(self, solution: Any) -> None:
+        self.solution = solution
 
 
 class _Params:
@@ -65,12 +74,20 @@ class DeclarativeFunction(torch.autograd.Function):
     def forward(ctx: Any, node: Any, *args: Any) -> Tensor:  # type: ignore[override]
         """Solve (autograd is off here) and return ``y``; ``args`` = inputs [, marker,
         parameters]."""
+        cached = bool(args) and isinstance(args[0], _Cached)
+        if cached:
+            sol = args[0].solution
+            args = args[1:]
         xs, params = _split(args)
         mode = _implicit_mode(node)
-        sol = solve_node(node, xs)
-        if getattr(node, "check_optimality", False):
-            mode.check(node, xs, sol)
-        y = sol.y
+        if cached:
+            y = sol.y.detach().clone()
+        else:
+            sol = solve_node(node, xs)
+            if getattr(node, "check_optimality", False):
+                mode.check(node, xs, sol)
+            y = sol.y
+        ctx.cached = cached
         ctx.node = node
         ctx.mode = mode
         ctx.solution = sol
@@ -84,9 +101,13 @@ class DeclarativeFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        """Implicit differentiation: one batched KKT solve and one double-backward."""
+        """Implicit differentiation: one batched KKT solve and one double-backward.
+
+        Under ``create_graph=True`` the VJP is computed with differentiable operations
+        around ``y`` re-attached to the inputs (implicitly differentiable again), so second
+        derivatives are those of implicit differentiation of the first.
+        """
         saved = ctx.saved_tensors
         y = saved[0]
         rest = list(saved[1:])
@@ -96,9 +117,23 @@ class DeclarativeFunction(torch.autograd.Function):
               for i in range(ctx.n_xs)]
         need_params = [p.requires_grad for p in params]
         grad_params = [p for p, ng in zip(params, need_params) if ng]
-        x_grads, p_grads = ctx.mode.vjp(ctx.node, xs, y, grad_y, solution=ctx.solution,
-                                        params=grad_params, need_grad=ctx.need)
+        sol = ctx.solution
+        create_graph = torch.is_grad_enabled()
+        if create_graph:
+            attach = [*xs, _PARAMS, *params] if params else list(xs)
+            y = DeclarativeFunction.forward_cached(ctx.node, sol, attach)
+        x_grads, p_grads = ctx.mode.vjp(ctx.node, xs, y, grad_y, solution=sol,
+                                        params=grad_params, need_grad=ctx.need,
+                                        create_graph=create_graph)
         it = iter(p_grads)
         all_p = [next(it) if ng else None for ng in need_params]
         marker = [None] if ctx.has_marker else []
-        return (None, *x_grads, *marker, *all_p)
+        cached = [None] if ctx.cached else []
+        return (None, *cached, *x_grads, *marker, *all_p)
+
+    @staticmethod
+    def forward_cached(node: Any, solution: Any, args: list[Any]) -> Tensor:
+        """``y`` of ``solution`` attached to ``args`` (inputs [, marker, parameters]) through
+        the node's implicit backward, without solving again."""
+        return torch.autograd.Function.apply.__func__(DeclarativeFunction, node,
+                                                       _Cached(solution), *args)

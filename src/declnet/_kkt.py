@@ -127,7 +127,7 @@ def _schur(prob: Problem, hsolve, rhs: Tensor, structured: bool = False,
            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Solve by the Schur complement given ``hsolve = H⁻¹ ·``; returns ``(w, ok_s, S, H⁻¹A)``."""
     m, c = prob.m, prob.c
-    A = prob.A.detach().to(rhs.dtype)
+    A = prob.A_solve.to(rhs.dtype)
     dvec = prob.inactive_diagonal.to(rhs.dtype)
     v, z = rhs[:, :m], rhs[:, m:]
     hv = hsolve(v)
@@ -151,7 +151,7 @@ def _schur(prob: Problem, hsolve, rhs: Tensor, structured: bool = False,
 def _gram_dependent(prob: Problem, rows: Tensor) -> Tensor:
     """``(n,)`` True where the used constraint rows of samples ``rows`` are dependent."""
     cd = _linalg.compute_dtype(prob.dtype)
-    A = prob.A.detach()[rows].to(cd)
+    A = prob.A_solve[rows].to(cd)
     gram = A @ A.transpose(1, 2) + torch.diag_embed(prob.inactive_diagonal[rows].to(cd))
     return ~_linalg.cholesky_factor(gram, _tol(prob)).ok
 
@@ -182,7 +182,7 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
                  allow_drop: bool) -> KKTResult:
     """Solve densely in the compute dtype; ``H`` ``(B, m, m)``, ``rhs`` ``(B, m + c, K)``."""
     tol = _tol(prob)
-    A = prob.A.detach().to(H.dtype)
+    A = prob.A_solve.to(H.dtype)
     dvec = prob.inactive_diagonal.to(H.dtype)
     no = torch.zeros(prob.batch, dtype=torch.bool, device=H.device)
     K = _kkt_matrix(H, A, dvec) if prob.c and method != "cholesky" else H
@@ -232,7 +232,7 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
             dependent[idx[dep]] = True
             bad = bad & ~dependent
     if bool(dependent.any()) and metric is None:
-        Ad = prob.A.detach().to(H.dtype)
+        Ad = prob.A_solve.to(H.dtype)
         metric = Ad @ Ad.transpose(1, 2) + torch.diag_embed(dvec)
     if not allow_drop:
         bad = bad | dependent
@@ -266,7 +266,7 @@ def _solve_structured(prob: Problem, op: LinearOperator, rhs: Tensor,
         # Dependent rows remain after dropping: the minimum-norm w₂ (pseudo-inverse of S).
         bad = dependent
         m = prob.m
-        A = prob.A.detach().to(cd)
+        A = prob.A_solve.to(cd)
         hv = hsolve(rhs[:, :m][bad])
         hat = hsolve(A[bad].transpose(1, 2))
         w2, _ = _linalg.solve_symmetric_pinv(S[bad], A[bad] @ hv - rhs[:, m:][bad],
@@ -305,7 +305,7 @@ def _solve_matrix_free(prob: Problem, op: LinearOperator | None, v: Tensor,
     m, c = prob.m, prob.c
     rtol = opts.rtol_for(prob.dtype)
     maxiter = opts.maxiter if opts.maxiter is not None else 2 * (m + c) + 10
-    A = prob.A.detach()
+    A = prob.A_solve
     dvec = prob.inactive_diagonal
     damping = opts.damping if op is None else 0.0
 
@@ -355,7 +355,7 @@ def _projected_cg(prob: Problem, hvp, v: Tensor, rtol: float,
     definite, i.e. at a strict local minimum (second-order sufficient condition).
     """
     cd = _linalg.compute_dtype(prob.dtype)
-    A = prob.A.detach()
+    A = prob.A_solve
     gram = (A.to(cd) @ A.to(cd).transpose(1, 2)
             + torch.diag_embed(prob.inactive_diagonal.to(cd)))
     eye = _eye(prob.c, gram).expand_as(gram)
@@ -395,7 +395,7 @@ def choose_method(prob: Problem, op: LinearOperator | None, force_dense: bool) -
             method = "cholesky"
         else:
             method = "cg"
-    if force_dense and method in ("cg", "minres"):
+    if (force_dense or prob.graph) and method in ("cg", "minres", "structured"):
         method = "cholesky"
     return method
 
@@ -416,6 +416,13 @@ def solve_kkt(prob: Problem, v: Tensor, *, force_dense: bool = False,
     """
     op = hessian_operator(prob)
     method = choose_method(prob, op, force_dense)
+    if prob.graph and not _dense_affordable(prob):
+        raise RuntimeError(
+            f"{type(prob.node).__name__}: a differentiable backward (create_graph=True, double "
+            f"backward) needs the dense KKT system, {prob.m + prob.c} × {prob.m + prob.c} per "
+            f"sample for B={prob.batch}, which exceeds ImplicitBackward(memory_budget="
+            f"{prob.options.memory_budget}). Raise memory_budget or reduce the problem size."
+        )
     cd = _linalg.compute_dtype(prob.dtype)
     B, K = prob.batch, v.shape[2]
     rhs = torch.cat([v, v.new_zeros(B, prob.c, K)], 1).to(cd)

@@ -8,6 +8,7 @@ with ``c = p + q`` (equalities first), and ``A = D_Y h̃`` is ``(B, c, m)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -55,8 +56,14 @@ class Problem:
         options: Any,
         solution: Any = None,
         need_grad: Sequence[bool] | None = None,
+        attach: bool = False,
+        params: Sequence[Tensor] = (),
     ) -> None:
         self.node = node
+        # attach: y is attached to x through the node (double backward); every derivative
+        # then keeps its graph, and inputs and parameters are aliased so that derivatives
+        # "with y fixed" stay partial ones.
+        self.graph = bool(attach)
         self.options = options
         self.solution = solution
         self.batch = y.shape[0]
@@ -66,16 +73,27 @@ class Problem:
         self.device = y.device
         if need_grad is None:
             need_grad = [isinstance(x, Tensor) and x.requires_grad for x in xs]
-        self.xs_d = [
-            x.detach().requires_grad_(bool(ng)) if isinstance(x, Tensor) else x
-            for x, ng in zip(xs, need_grad)
-        ]
-        self.y_flat = y.detach().reshape(self.batch, self.m).clone().requires_grad_(True)
+        if self.graph:
+            with torch.enable_grad():
+                self.xs_d = [
+                    (x.clone() if ng else x.detach()) if isinstance(x, Tensor) else x
+                    for x, ng in zip(xs, need_grad)
+                ]
+                self.params = [p.clone() for p in params]
+                self.y_flat = y.reshape(self.batch, self.m).clone()
+        else:
+            self.xs_d = [
+                x.detach().requires_grad_(bool(ng)) if isinstance(x, Tensor) else x
+                for x, ng in zip(xs, need_grad)
+            ]
+            self.params = list(params)
+            self.y_flat = y.detach().reshape(self.batch, self.m).clone().requires_grad_(True)
+        self._param_names = self._names_of(params) if self.graph else {}
         with torch.enable_grad():
             self.y_in = self.y_flat.view(self.y_shape)
         self.linear = _has_linear_constraints(node)
 
-        with torch.enable_grad():
+        with torch.enable_grad(), self._evaluating():
             self.f = self._objective()
             self.h = self._constraints("equality_constraints") if node.has_equality_constraints \
                 else None
@@ -92,9 +110,9 @@ class Problem:
         with torch.enable_grad():
             if self.c == 0 or self.linear:
                 self._grad_l = self._grad_y(self.f.sum(), create_graph=True)
-                self.gf = self._grad_l.detach()
+                self.gf = self._grad_l if self.graph else self._grad_l.detach()
             else:
-                self.gf = self._grad_y(self.f.sum())
+                self.gf = self._grad_y(self.f.sum(), create_graph=self.graph)
         if self.linear:
             self.A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
         else:
@@ -106,6 +124,20 @@ class Problem:
         self._given_multipliers = self._check_given_multipliers(solution)
 
     # -- evaluation helpers ------------------------------------------------------------------
+    def _names_of(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Map the node's parameter names to the aliases used while evaluating."""
+        lookup = {id(p): name for name, p in self.node.named_parameters()}
+        return {lookup[id(p)]: alias for p, alias in zip(params, self.params)
+                if id(p) in lookup}
+
+    def _evaluating(self) -> Any:
+        """Evaluate the node with its parameters replaced by their aliases (graph mode)."""
+        if not self._param_names:
+            return contextlib.nullcontext()
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        return _reparametrize_module(self.node, self._param_names)
+
     def _objective(self) -> Tensor:
         f = self.node.objective(*self.xs_d, y=self.y_in)
         return check_batched(self.node, "objective", f, self.batch, 1)
@@ -130,7 +162,7 @@ class Problem:
         basis = eye.unsqueeze(1).expand(self.c, self.batch, self.c)
         (jac,) = torch.autograd.grad(
             self.htil, self.y_flat, basis, retain_graph=True, is_grads_batched=True,
-            allow_unused=True,
+            allow_unused=True, create_graph=self.graph,
         )
         if jac is None:
             return self.y_flat.new_zeros(self.batch, self.c, self.m)
@@ -199,14 +231,17 @@ class Problem:
         if self.c == 0:
             return self.y_flat.new_zeros(self.batch, 0)
         used = self.used.to(self.dtype)
-        if self._given_multipliers is not None and not bool(self.dropped.any()):
+        if (self._given_multipliers is not None and not bool(self.dropped.any())
+                and not self.graph):
             return self._given_multipliers * used
         if not self.node.has_objective:
             return self.y_flat.new_zeros(self.batch, self.c)  # feasibility problems: f ≡ 0
         cd = _linalg.compute_dtype(self.dtype)
-        A = self.A.detach().to(cd)
+        # In graph mode λ(x) = eq. 25 is differentiated too (the solver's λ is a constant).
+        A = (self.A if self.graph else self.A.detach()).to(cd)
+        gf = self.gf if self.graph else self.gf.detach()
         gram = A @ A.transpose(1, 2) + torch.diag_embed(self.inactive_diagonal.to(cd))
-        rhs = A @ self.gf.detach().to(cd).unsqueeze(-1)
+        rhs = A @ gf.to(cd).unsqueeze(-1)
         lam, ok = _linalg.solve_cholesky(gram, rhs, _linalg.singular_tol(self.dtype))
         if not bool(ok.all()):
             bad = ~ok
@@ -221,7 +256,7 @@ class Problem:
         """``D_Y L(x, y, λ)`` ``(B, m)`` with a graph for second derivatives (λ fixed)."""
         if self._grad_l is not None:
             return self._grad_l
-        with torch.enable_grad():
+        with torch.enable_grad(), self._evaluating():
             if not self.htil.requires_grad:
                 total = self.f.sum()
             else:
@@ -238,6 +273,8 @@ class Problem:
         After dependent constraints were dropped, a Hessian from the solver (computed with
         its own multipliers) no longer applies and the node's method, if any, is asked.
         """
+        if self.graph:
+            return None  # double backward: H must be differentiable, so autograd forms it
         given = getattr(self.solution, "hessian", None)
         if given is not None and not bool(self.dropped.any()):
             return as_operator(given, self.batch, self.m,
@@ -258,7 +295,7 @@ class Problem:
         if not grad_l.requires_grad:
             return torch.zeros_like(u)
         (out,) = torch.autograd.grad(grad_l, self.y_flat, u, retain_graph=True,
-                                     allow_unused=True)
+                                     allow_unused=True, create_graph=self.graph)
         return torch.zeros_like(u) if out is None else out
 
     def hessian_columns(self, columns: Tensor) -> Tensor | None:
@@ -269,7 +306,8 @@ class Problem:
             return torch.zeros_like(columns)
         try:
             (rows,) = torch.autograd.grad(grad_l, self.y_flat, columns, retain_graph=True,
-                                          is_grads_batched=True, allow_unused=True)
+                                          is_grads_batched=True, allow_unused=True,
+                                          create_graph=self.graph)
         except RuntimeError:  # an op without a batching rule: no batched HVPs
             return None
         return torch.zeros_like(columns) if rows is None else rows
@@ -304,7 +342,7 @@ class Problem:
         scale = 1.0 + self.y_flat.detach().abs().amax(-1, keepdim=True)
         t = direction * step * scale
         xs = [x.detach() if isinstance(x, Tensor) else x for x in self.xs_d]
-        with torch.no_grad():
+        with torch.no_grad(), self._evaluating():
             vals = []
             for sign in (1.0, -1.0):
                 y = (self.y_flat.detach() + sign * t).view(self.y_shape)
@@ -324,6 +362,11 @@ class Problem:
         self._multipliers = None
         if not self.linear:
             self._grad_l = None
+
+    @property
+    def A_solve(self) -> Tensor:
+        """``A`` as the linear solves use it: with its graph in graph mode, else detached."""
+        return self.A if self.graph else self.A.detach()
 
     # -- checks -----------------------------------------------------------------------------
     def residual(self) -> OptimalityResidual:
