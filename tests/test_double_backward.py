@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _problems import rand
 
+from _problems import rand
 from declnet import testing as dt
 
 F64 = torch.float64
