@@ -52,3 +52,32 @@ def test_single_backward_has_no_graph():
     x = rand(2, 4).requires_grad_(True)
     (g,) = torch.autograd.grad(node(x).sum(), x)
     assert not g.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_work_in_float32_inside(dtype):
+    node = dt.UnitSphereProjection()
+    x32 = rand(4, 5).float()
+    v = rand(4, 5, seed=1).float()
+    x = x32.to(dtype).requires_grad_(True)
+    y = node(x)
+    assert y.dtype == dtype
+    (g,) = torch.autograd.grad(y, x, v.to(dtype))
+    assert g.dtype == dtype
+    x_ref = x32.to(dtype).float().requires_grad_(True)  # the same rounded input
+    y_ref = node(x_ref)
+    (g_ref,) = torch.autograd.grad(y_ref, x_ref, v.to(dtype).float())
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(y.float(), y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(g.float(), g_ref, atol=tol, rtol=tol)
+
+
+def test_autocast_model_with_a_node():
+    node = dt.UnitSphereProjection()
+    lin = torch.nn.Linear(5, 5)
+    x = rand(4, 5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = node(lin(x))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()

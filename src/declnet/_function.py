@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -39,6 +40,30 @@ def _split(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Tensor, ...]]:
     return args, ()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _low_precision(xs: tuple[Any, ...]) -> torch.dtype | None:
+    """The half-precision dtype of the inputs, if any (then the node works in float32)."""
+    for x in xs:
+        if isinstance(x, Tensor) and x.dtype in _HALF:
+            return x.dtype
+    return None
+
+
+def _upcast(xs: Any) -> list[Any]:
+    return [x.float() if isinstance(x, Tensor) and x.dtype in _HALF else x for x in xs]
+
+
+def _no_autocast(tensors: Any) -> Any:
+    """Autocast off while solving and differentiating: solvers and KKT systems need their
+    precision (results are returned in the inputs' dtype)."""
+    device = next((t.device.type for t in tensors if isinstance(t, Tensor)), "cpu")
+    if device not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, enabled=False)
+
+
 def _implicit_mode(node: Any) -> Any:
     mode = getattr(node, "backward_mode", None)
     if not callable(getattr(mode, "vjp", None)):
@@ -54,7 +79,9 @@ class DeclarativeFunction(torch.autograd.Function):
     """Autograd function of a declarative node: solve forward, implicit VJP backward.
 
     ``DeclarativeFunction.apply(node, *xs)`` returns the node's solution ``y`` for inputs
-    ``xs``; the backward pass calls the node's :class:`~declnet.ImplicitBackward`. The
+    ``xs``; the backward pass calls the node's :class:`~declnet.ImplicitBackward`. Inputs in
+    float16 or bfloat16 are solved and differentiated in float32 (autocast off inside), and
+    ``y`` and the gradients come back in the inputs' dtype. The
     node's learnable parameters are passed along, so they receive gradients too. Calling
     the node (or :func:`~declnet.declarative`) is the usual way in.
     """
@@ -80,13 +107,17 @@ class DeclarativeFunction(torch.autograd.Function):
             args = args[1:]
         xs, params = _split(args)
         mode = _implicit_mode(node)
+        low = _low_precision(xs)
         if cached:
             y = sol.y.detach().clone()
         else:
-            sol = solve_node(node, xs)
-            if getattr(node, "check_optimality", False):
-                mode.check(node, xs, sol)
-            y = sol.y
+            work = _upcast(xs)
+            with _no_autocast(work):
+                sol = solve_node(node, work)
+                if getattr(node, "check_optimality", False):
+                    mode.check(node, work, sol)
+            y = sol.y if low is None else sol.y.to(low)
+        ctx.low = None if cached else low
         ctx.cached = cached
         ctx.node = node
         ctx.mode = mode
@@ -119,12 +150,20 @@ class DeclarativeFunction(torch.autograd.Function):
         grad_params = [p for p, ng in zip(params, need_params) if ng]
         sol = ctx.solution
         create_graph = torch.is_grad_enabled()
+        dtypes = [x.dtype if isinstance(x, Tensor) else None for x in xs]
+        if ctx.low is not None:  # half precision: the backward runs in float32 too
+            xs = _upcast(xs)
+            grad_y = grad_y.float()
+            y = sol.y
         if create_graph:
             attach = [*xs, _PARAMS, *params] if params else list(xs)
             y = DeclarativeFunction.forward_cached(ctx.node, sol, attach)
-        x_grads, p_grads = ctx.mode.vjp(ctx.node, xs, y, grad_y, solution=sol,
-                                        params=grad_params, need_grad=ctx.need,
-                                        create_graph=create_graph)
+        with _no_autocast([y]):
+            x_grads, p_grads = ctx.mode.vjp(ctx.node, xs, y, grad_y, solution=sol,
+                                            params=grad_params, need_grad=ctx.need,
+                                            create_graph=create_graph)
+        if ctx.low is not None:
+            x_grads = [g if g is None or d is None else g.to(d) for g, d in zip(x_grads, dtypes)]
         it = iter(p_grads)
         all_p = [next(it) if ng else None for ng in need_params]
         marker = [None] if ctx.has_marker else []
