@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._common import add_device_arguments
+from .._common import add_device_arguments, cli_errors
 from .config import PRESETS, RunConfig, SweepConfig, apply_preset
 from .data import load_dataset
 from .model import POOLS
@@ -86,7 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate the final model at these rates, e.g. '0 0.5' (default: the training rate)",
     )
     p.add_argument("--out", required=True, help="the run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue the run in --out")
+    how.add_argument(
+        "--overwrite", action="store_true", help="delete the run in --out and train afresh"
+    )
 
     p = sub.add_parser("sweep", help="train a grid of pools × outlier rates, then report")
     _run_options(p)
@@ -141,11 +144,7 @@ def _run_config(options: dict[str, Any], **extra: Any) -> RunConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli_errors(lambda: _dispatch(args))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -184,12 +183,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             train_outlier_rate=rate,
             test_outlier_rates=options.get("test_outlier_rates") or [rate],
         )
-        final = run_training(cfg, args.out, resume=args.resume)
+        final = run_training(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
         if final is not None:
             for r in final["results"]:
                 print(
                     f"outliers {100 * r['outlier_rate']:g}%: top-1 {100 * r['top1']:.2f}%  "
-                    f"mAP {100 * r['map']:.2f}"
+                    f"mAP {100 * r['map']:.2f}  authors' mAP {100 * r['map_authors']:.2f}"
                 )
         return 0
 
