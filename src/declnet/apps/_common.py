@@ -536,6 +536,8 @@ def config_differences(
 
 
 def _os_error_message(err: OSError) -> str:
+    if err.filename is None and err.errno is None:
+        return str(err)  # raised with a message of its own
     name = err.filename if err.filename is not None else "a file"
     reason = err.strerror or str(err)
     if err.errno == errno.ENOSPC:
