@@ -87,7 +87,6 @@ class ImageConfig:
             "width": self.width,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
-            "lr": self.lr,
             "lr_step": self.lr_step,
             "radius_scale": self.radius_scale,
         }
