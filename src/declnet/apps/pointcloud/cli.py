@@ -141,6 +141,14 @@ def _run_config(options: dict[str, Any], **extra: Any) -> RunConfig:
     return RunConfig(**kwargs)
 
 
+def _process_group(config: RunConfig) -> Any:
+    """Be in ``torchrun``'s process group (if any) for the runs, and leave it afterwards."""
+    from .._common import distributed_info, process_group, resolve_device
+
+    info = distributed_info()
+    return process_group(info, resolve_device(config.device, info))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -183,7 +191,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             train_outlier_rate=rate,
             test_outlier_rates=options.get("test_outlier_rates") or [rate],
         )
-        final = run_training(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        with _process_group(cfg):
+            final = run_training(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
         if final is not None:
             for r in final["results"]:
                 print(
@@ -202,7 +211,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         outlier_rates=list(options.get("outlier_rates") or [0.0, 0.5]),
         train_clean=bool(options.get("train_clean") or False),
     )
-    run_sweep(sweep, args.out)
+    with _process_group(sweep.base):
+        run_sweep(sweep, args.out)
     if distributed_info().is_main:
         text = write_report(args.out, plots=not args.no_plots)
         print(text)
