@@ -204,7 +204,7 @@ def test_a_second_process_is_refused_and_a_killed_run_resumes_logging_each_epoch
     assert code == 2
     assert f"is in use by process {first.pid}" in capsys.readouterr().err
     # The killed run left its lock behind; resuming takes it over and finishes the run.
-    assert (out / ".lock").exists() and not (out / "final.json").exists()
+    assert (out / ".lock").exists() and not (out / "result.json").exists()
     assert pointcloud_main([*args, "--resume"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 13))
@@ -237,7 +237,7 @@ def test_a_nan_coordinate_stops_training_without_a_result(tmp_path):
     train.points[3, 5, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="training loss became nan"):
         run_training(config, tmp_path / "run", data=(train, test))
-    assert not (tmp_path / "run" / "final.json").exists()
+    assert not (tmp_path / "run" / "result.json").exists()
     assert not (tmp_path / "run" / ".lock").exists()
 
 
@@ -295,9 +295,9 @@ def test_corrupt_json_files_are_reported_with_the_file(tmp_path, capsys):
     (out / "config.json").write_text('{"pool": "max", ')
     assert _pc_train(out, "--resume") == 2
     assert "config.json is not valid JSON" in capsys.readouterr().err
-    (out / "final.json").write_text("{")
+    (out / "result.json").write_text("{")
     assert pointcloud_main(["report", str(tmp_path), "--no-plots"]) == 2
-    assert "final.json is not valid JSON" in capsys.readouterr().err
+    assert "result.json is not valid JSON" in capsys.readouterr().err
     im = tmp_path / "im" / "none"
     im.mkdir(parents=True)
     (im / "result.json").write_text("[1,")
@@ -377,7 +377,7 @@ def test_one_table3_sweep_reports_both_tables(tmp_path):
         run.mkdir()
         f.update(device="cpu", world_size=1, timing_ms_per_cloud={"data": 0, "forward": 0,
                  "backward": 0})  # fmt: skip
-        (run / "final.json").write_text(json.dumps(f))
+        (run / "result.json").write_text(json.dumps(f))
     text = write_report(tmp_path, plots=False)
     assert "Table 3 protocol" in text and "Table 4 protocol" in text
     assert "the authors' definition" in text

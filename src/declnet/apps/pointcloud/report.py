@@ -43,7 +43,7 @@ METRICS_NOTE = (
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Read the ``final.json`` of every finished run below ``sweep_dir``.
+    """Read the ``result.json`` of every finished run below ``sweep_dir``.
 
     Raises:
         ValueError: If the folder does not exist or holds no finished run.
@@ -51,9 +51,14 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ValueError(f"{sweep_dir} is not a folder")
-    finals = [read_json(p) for p in sorted(sweep_dir.glob("*/final.json"))]
+    finals = []
+    for run in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        # ``final.json`` is the name older versions gave the result.
+        path = next((run / n for n in ("result.json", "final.json") if (run / n).is_file()), None)
+        if path is not None:
+            finals.append(read_json(path))
     if not finals:
-        raise ValueError(f"{sweep_dir} has no finished runs (no */final.json)")
+        raise ValueError(f"{sweep_dir} has no finished runs (no */result.json)")
     return finals
 
 

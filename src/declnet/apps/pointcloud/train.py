@@ -5,7 +5,7 @@ A run lives in its own folder::
     RUN/config.json      the configuration (RunConfig.to_dict())
     RUN/metrics.jsonl    one JSON line per epoch (loss, test top-1, mAP, timings)
     RUN/checkpoint.pt    model, optimiser and scheduler after the last finished epoch
-    RUN/final.json       the final evaluation at every test outlier rate, written last
+    RUN/result.json      the final evaluation at every test outlier rate, written last
 
 Every source of randomness is seeded from ``config.seed`` and, where it changes over time,
 from the epoch number, so a run resumed from its checkpoint (``resume=True``) follows the
@@ -57,7 +57,7 @@ __all__ = ["DistributedInfo", "evaluate", "load_data", "run_training"]
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_FILE = "final.json"
+RESULT_FILE = "result.json"
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -180,7 +180,7 @@ def _evaluate_at(
 
 def _clear_run(run_dir: Path) -> None:
     """Delete the files of a run (``--overwrite``), leaving anything else in the folder."""
-    for file in (FINAL_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE):
+    for file in (RESULT_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE):
         (run_dir / file).unlink(missing_ok=True)
 
 
@@ -210,10 +210,10 @@ def run_training(
             (default: load what ``config`` describes).
         name: Name shown in progress output (default: the folder name).
         stop_after_epochs: Stop after this many epochs in total, as if interrupted (for
-            testing ``resume``); the run then has no ``final.json``.
+            testing ``resume``); the run then has no ``result.json``.
 
     Returns:
-        The contents of ``final.json``, or None when stopped early.
+        The contents of ``result.json``, or None when stopped early.
 
     Raises:
         ValueError: If the folder holds a different or unfinished run and neither ``resume``
@@ -259,7 +259,7 @@ def _run_locked(
     name: str,
     stop_after_epochs: int | None,
 ) -> dict[str, Any] | None:
-    final_path = run_dir / FINAL_FILE
+    final_path = run_dir / RESULT_FILE
     ckpt_path = run_dir / CHECKPOINT_FILE
     config_path = run_dir / CONFIG_FILE
     if overwrite and info.is_main:
