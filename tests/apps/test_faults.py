@@ -381,6 +381,10 @@ def test_one_table3_sweep_reports_both_tables(tmp_path):
     text = write_report(tmp_path, plots=False)
     assert "Table 3 protocol" in text and "Table 4 protocol" in text
     assert "the authors' definition" in text
+    # A run written by an older version (final.json) is still reported.
+    legacy = tmp_path / "max_0.5" / "result.json"
+    legacy.rename(legacy.with_name("final.json"))
+    assert write_report(tmp_path, plots=False) == text
 
 
 @pytest.mark.slow
