@@ -51,6 +51,7 @@ __all__ = [
     "trim_jsonl",
     "wrap_ddp",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -445,6 +446,17 @@ def write_json_atomic(path: PathLike, data: Any) -> None:
         TypeError: If ``data`` is not JSON-serialisable (``path`` is then left as it was).
     """
     text = json.dumps(data, indent=2) + "\n"
+    with _replacing(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path``, replacing it atomically (a report, typically).
+
+    Args:
+        path: The file.
+        text: Its new contents.
+    """
     with _replacing(Path(path)) as tmp:
         tmp.write_text(text)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .._common import read_json
+from .._common import read_json, write_text_atomic
 from ._config import ImageConfig
 from ._model import PROJECTIONS, parse_projection
 from ._train import RESULT, Distributed, train
@@ -179,5 +179,5 @@ def write_report(run_dir: Union[str, os.PathLike[str]]) -> str:
     """
     text = format_report(load_results(run_dir))
     path = Path(run_dir) / REPORT
-    path.write_text(text)
+    write_text_atomic(path, text)
     return text

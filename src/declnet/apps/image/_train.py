@@ -485,6 +485,7 @@ def _train_locked(
                 f"{config.projection:>11} epoch {epoch + 1:>3}/{config.epochs}: "
                 f"loss {train_loss:.4f}  top-1 {100 * metrics['top1']:.2f}%  "
                 f"top-5 {100 * metrics['top5']:.2f}%  mAP {100 * metrics['map']:.2f}  "
+                f"authors' mAP {100 * metrics['map_authors']:.2f}  "
                 f"({wall:.1f} s)"
             )
     if timer:

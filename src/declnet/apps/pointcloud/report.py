@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._common import read_json
+from .._common import read_json, write_text_atomic
 from .model import POOLS
 
 __all__ = ["POOL_LABELS", "accuracy_table", "collect", "plot", "timing_table", "write_report"]
@@ -210,7 +210,7 @@ def write_report(sweep_dir: str | Path, *, plots: bool = True) -> str:
         + "\n"
     )
     text = "\n".join(parts)
-    (sweep_dir / RESULTS_FILE).write_text(text)
+    write_text_atomic(sweep_dir / RESULTS_FILE, text)
     if plots:
         plot(finals, "top1", sweep_dir / "accuracy_vs_outliers.png")
         plot(finals, "map", sweep_dir / "map_vs_outliers.png")
