@@ -8,6 +8,7 @@ over the ``torchrun`` processes — is defined here once.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ __all__ = [
     "EpochTotals",
     "NonFiniteLossError",
     "check_options",
+    "derive_seed",
     "sgd_with_step_schedule",
     "train_epoch",
 ]
@@ -30,6 +32,17 @@ __all__ = [
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite: the run stops without a result."""
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed derived from ``seed`` and a tag, e.g. ``("shuffle", epoch)``.
+
+    Every random stream of both experiments (initialisation, shuffling, dropout, outliers) is
+    seeded this way, so it depends only on the run's seed and on what it is for, and a resumed
+    run draws the same numbers as one that was never interrupted.
+    """
+    text = "/".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def check_options(*, lr: float, momentum: float, seed: int, weight_decay: float = 0.0) -> None:

@@ -36,7 +36,7 @@ from .._common import (
     wrap_ddp,
     write_json_atomic,
 )
-from .._loop import sgd_with_step_schedule, train_epoch
+from .._loop import derive_seed, sgd_with_step_schedule, train_epoch
 from .._metrics import authors_map, mean_average_precision, topk_accuracy
 from ._config import ImageConfig
 from ._data import DatasetInfo, load_dataset
@@ -125,7 +125,7 @@ def _loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A loader whose order depends only on ``(seed, epoch)``, so that resuming repeats it."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + dist_info.rank)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "shuffle", epoch, dist_info.rank))
     sampler: Optional[torch.utils.data.Sampler] = None
     if dist_info.enabled:
         if shuffle:
@@ -229,7 +229,7 @@ def build_model(config: ImageConfig, info: DatasetInfo) -> ResNet:
     Returns:
         A :class:`ResNet` mapping ``(B, info.in_channels, H, W)`` to ``(B, info.num_classes)``.
     """
-    torch.manual_seed(config.seed)
+    torch.manual_seed(derive_seed(config.seed, "init"))
     small = config.small_input if config.small_input is not None else info.small_input
     return resnet18(
         info.num_classes,

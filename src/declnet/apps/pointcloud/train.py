@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import statistics
 import time
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ from .._common import (
     wrap_ddp,
     write_json_atomic,
 )
-from .._loop import sgd_with_step_schedule, train_epoch
+from .._loop import derive_seed, sgd_with_step_schedule, train_epoch
 from .._metrics import authors_map, mean_average_precision, top1_accuracy
 from .config import RunConfig
 from .data import PointCloudSet, load_dataset
@@ -58,12 +57,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULT_FILE = "result.json"
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A 63-bit seed derived from ``seed`` and a tag (e.g. ("shuffle", epoch))."""
-    text = "/".join(str(p) for p in (seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 # --------------------------------------------------------------------------------------
