@@ -9,8 +9,12 @@ are the same in both live here; each experiment keeps its own seeding, data, mod
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,9 +28,11 @@ from torch import nn
 __all__ = [
     "DistributedInfo",
     "ProcessRole",
+    "RunLockedError",
     "add_device_arguments",
     "append_jsonl",
     "barrier",
+    "cli_errors",
     "config_differences",
     "configure_threads",
     "distributed_info",
@@ -34,8 +40,10 @@ __all__ = [
     "load_checkpoint",
     "process_group",
     "progress_bar",
+    "read_json",
     "read_jsonl",
     "resolve_device",
+    "run_lock",
     "save_atomic",
     "sum_over_processes",
     "synced_clock",
@@ -43,6 +51,7 @@ __all__ = [
     "trim_jsonl",
     "wrap_ddp",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -267,8 +276,17 @@ def synced_clock(device: torch.device) -> float:
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary name next to ``path`` that replaces ``path`` when the block succeeds."""
-    tmp = path.with_name(path.name + ".tmp")
+    """A fresh temporary name next to ``path`` that replaces ``path`` when the block succeeds.
+
+    The name is unique (``path.<random>.tmp``), so two processes writing the same file never
+    write into each other's temporary file; the last rename wins.
+    """
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of a file opened for writing
     try:
         yield tmp
         os.replace(tmp, path)
@@ -300,8 +318,121 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
 
     Returns:
         The saved object.
+
+    Raises:
+        ValueError: If the file cannot be read as a checkpoint (truncated or corrupt); the
+            message names the file and says how to go on.
     """
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # unpickling, zip and storage errors all mean a damaged file
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no details'}); it is truncated or "
+            "corrupt: delete it to restart that run from scratch, or pass --overwrite"
+        ) from err
+
+
+def read_json(path: PathLike) -> Any:
+    """The contents of a JSON file that a run wrote, with a clear error when it is damaged.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The decoded data.
+
+    Raises:
+        ValueError: If the file is not valid JSON (truncated or edited by hand); the message
+            names the file and says how to go on.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); it is truncated or corrupt: delete it (or the "
+            "whole run folder) and run again, or pass --overwrite"
+        ) from err
+
+
+class RunLockedError(ValueError):
+    """Another process holds the lock of a run folder."""
+
+
+LOCK_FILE = ".lock"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(folder: PathLike) -> Iterator[Path]:
+    """Hold ``folder/.lock`` for the ``with`` block, so only one process writes the run.
+
+    The lock file names the process (host and pid). A lock left behind by a process that no
+    longer runs on this host is taken over; one held by a live process, or by any process on
+    another host, is an error.
+
+    Args:
+        folder: The run folder (created when missing).
+
+    Yields:
+        The lock file.
+
+    Raises:
+        RunLockedError: If another process holds the lock; the message names it.
+        NotADirectoryError: If ``folder`` or a parent is a file.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    for _ in range(3):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            stale = (
+                holder.get("host") == me["host"]
+                and isinstance(holder.get("pid"), int)
+                and not _process_alive(holder["pid"])
+            )
+            if stale:
+                path.unlink(missing_ok=True)
+                continue
+            if not holder:  # being written this instant, or damaged: look once more
+                time.sleep(0.1)
+                try:
+                    holder = json.loads(path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+            raise RunLockedError(
+                f"{folder} is in use by process {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (lock file {path}); wait for it to finish or give "
+                "another --out; if that process no longer runs, delete the lock file"
+            ) from None
+        with os.fdopen(handle, "w") as stream:
+            json.dump(me, stream)
+        break
+    else:  # pragma: no cover - three processes racing for one stale lock
+        raise RunLockedError(f"could not take the lock {path}; try again")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: PathLike, data: Any) -> None:
@@ -315,6 +446,17 @@ def write_json_atomic(path: PathLike, data: Any) -> None:
         TypeError: If ``data`` is not JSON-serialisable (``path`` is then left as it was).
     """
     text = json.dumps(data, indent=2) + "\n"
+    with _replacing(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path``, replacing it atomically (a report, typically).
+
+    Args:
+        path: The file.
+        text: Its new contents.
+    """
     with _replacing(Path(path)) as tmp:
         tmp.write_text(text)
 
@@ -406,6 +548,51 @@ def config_differences(
 
 # --------------------------------------------------------------------------------------
 # Command line and progress
+
+
+def _os_error_message(err: OSError) -> str:
+    if err.filename is None and err.errno is None:
+        return str(err)  # raised with a message of its own
+    name = err.filename if err.filename is not None else "a file"
+    reason = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        advice = "free some space, or give an --out on another disk, and run again with --resume"
+    elif isinstance(err, (NotADirectoryError, FileExistsError)):
+        advice = "a file stands where a folder is needed: give another --out"
+    elif isinstance(err, PermissionError):
+        advice = "give an --out you may write to"
+    elif isinstance(err, IsADirectoryError):
+        advice = "a folder stands where a file is needed: give the file's path"
+    else:
+        advice = "check the path and run again"
+    return f"{name}: {reason}; {advice}"
+
+
+def cli_errors(run: Any) -> int:
+    """Call ``run()`` and turn the errors a user can fix into one line on stderr.
+
+    ``ValueError`` (bad options, damaged files, a locked or finished run, a diverged loss),
+    ``OSError`` (a full disk, a file where a folder belongs, missing permissions) and
+    ``ImportError`` (a missing optional package) print ``error: ...`` and give exit status 2;
+    a keyboard interrupt gives 130. Anything else is a bug and keeps its traceback.
+
+    Args:
+        run: A callable returning the exit status.
+
+    Returns:
+        The exit status.
+    """
+    try:
+        return int(run())
+    except KeyboardInterrupt:
+        print("interrupted; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except (ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {_os_error_message(err)}", file=sys.stderr)
+        return 2
 
 
 def add_device_arguments(parser: Any) -> None:

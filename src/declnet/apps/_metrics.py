@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["average_precision", "mean_average_precision", "top1_accuracy", "topk_accuracy"]
+__all__ = [
+    "AUTHORS_MAP_CLASSES",
+    "authors_map",
+    "average_precision",
+    "interpolated_average_precision",
+    "mean_average_precision",
+    "top1_accuracy",
+    "topk_accuracy",
+]
+
+#: The number of classes, counted from class 0, over which the paper's code averages AP.
+AUTHORS_MAP_CLASSES = 6
 
 
 def _check_scores(scores: torch.Tensor, targets: torch.Tensor) -> None:
@@ -150,4 +161,81 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
         raise ValueError("mean_average_precision needs at least one sample")
     present = torch.unique(targets).tolist()
     per_class = [average_precision(scores[:, c], targets == c) for c in present]
+    return sum(per_class) / len(per_class)
+
+
+def interpolated_average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """VOC-style interpolated average precision of one ranking.
+
+    The precision at each rank is replaced by the highest precision at any rank at or below it
+    (the monotone envelope of the precision-recall curve), and the area under that envelope is
+    summed over the steps of recall, as in the PASCAL VOC evaluation code from 2010 on. Samples
+    are ranked one at a time (ties in the order ``torch.argsort`` leaves them). The result is
+    never below :func:`average_precision` without ties.
+
+    Args:
+        scores: Scores ``(N,)``; higher means more likely positive.
+        positives: Boolean ``(N,)``, which samples are positive.
+
+    Returns:
+        AP in ``[0, 1]``.
+
+    Raises:
+        ValueError: For mismatched shapes or no positive sample.
+
+    Example:
+        >>> s = torch.tensor([0.9, 0.8, 0.7])
+        >>> interpolated_average_precision(s, torch.tensor([False, True, True]))
+        0.6666666666666666
+    """
+    if scores.dim() != 1 or positives.shape != scores.shape:
+        raise ValueError(
+            f"scores and positives must both have shape (N,), got {tuple(scores.shape)} and "
+            f"{tuple(positives.shape)}"
+        )
+    positives = positives.bool()
+    total = int(positives.sum())
+    if total == 0:
+        raise ValueError("average precision is undefined without a positive sample")
+    order = torch.argsort(scores, descending=True, stable=True)
+    hits = positives[order].double()
+    true_pos = hits.cumsum(0)
+    precision = true_pos / torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    envelope = precision.flip(0).cummax(0).values.flip(0)
+    # Recall grows by 1/total at each positive: sum the envelope there.
+    return float((envelope * hits).sum() / total)
+
+
+def authors_map(
+    scores: torch.Tensor, targets: torch.Tensor, classes: int = AUTHORS_MAP_CLASSES
+) -> float:
+    """The mAP of the paper's published numbers: interpolated AP over the first classes only.
+
+    The authors' evaluation code averages :func:`interpolated_average_precision` over classes
+    ``0 .. classes - 1`` rather than over every class, which is what Tables 3, 4 and 6 report.
+    It is kept for comparison with those tables; :func:`mean_average_precision` is the
+    standard all-class mAP. Classes among the first ones without a positive sample are left
+    out of the mean.
+
+    Args:
+        scores: Class probabilities ``(N, K)``.
+        targets: True classes ``(N,)``, integers in ``[0, K)``.
+        classes: How many classes, from class 0, enter the mean (6 in the authors' code).
+
+    Returns:
+        mAP in ``[0, 1]``.
+
+    Raises:
+        ValueError: For mismatched shapes, bad targets, no samples, ``classes < 1``, or no
+            positive sample among the first ``classes`` classes.
+    """
+    _check_scores(scores, targets)
+    if scores.shape[0] == 0:
+        raise ValueError("authors_map needs at least one sample")
+    if classes < 1:
+        raise ValueError(f"classes must be at least 1, got {classes}")
+    present = [c for c in range(min(classes, scores.shape[1])) if bool((targets == c).any())]
+    if not present:
+        raise ValueError(f"no sample belongs to one of the first {classes} classes")
+    per_class = [interpolated_average_precision(scores[:, c], targets == c) for c in present]
     return sum(per_class) / len(per_class)

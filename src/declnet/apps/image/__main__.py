@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from .._common import add_device_arguments
+from .._common import add_device_arguments, cli_errors
 from ._config import PRESETS, preset_config
 from ._data import DATASETS
 from ._model import PROJECTIONS
@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train and evaluate one projection")
     train.add_argument("--projection", choices=PROJECTIONS, default="none")
     train.add_argument("--out", help="run folder (default runs/image/<projection>)")
-    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    how = train.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    how.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the run in --out (even a finished one) and train afresh",
+    )
     _add_run_options(train)
     sweep = commands.add_parser("sweep", help="train every projection, then report")
     sweep.add_argument(
@@ -119,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    return cli_errors(lambda: _dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from ._sweep import write_report
 
-        try:
-            print(write_report(args.run_dir), end="")
-        except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        print(write_report(args.run_dir), end="")
         return 0
 
     from .._common import configure_threads
@@ -136,49 +141,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = {name: getattr(args, name) for name in _CONFIG_FIELDS}
     if args.command == "train":
         overrides["projection"] = args.projection
-    try:
-        config = preset_config(args.preset, **overrides)
-        if args.command == "sweep" and config.radius is not None:
-            norms = {name.split("_")[0] for name in args.projections if name != "none"}
-            if len(norms) > 1:
-                raise ValueError(
-                    "--radius gives one radius to projections of different norms "
-                    f"({', '.join(sorted(norms))}), whose scales differ (the paper uses 250, 15 "
-                    "and 3); sweep one norm at a time, or use --radius-scale"
-                )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = preset_config(args.preset, **overrides)
+    if args.command == "sweep" and config.radius is not None:
+        norms = {name.split("_")[0] for name in args.projections if name != "none"}
+        if len(norms) > 1:
+            raise ValueError(
+                "--radius gives one radius to projections of different norms "
+                f"({', '.join(sorted(norms))}), whose scales differ (the paper uses 250, 15 "
+                "and 3); sweep one norm at a time, or use --radius-scale"
+            )
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     started = time.perf_counter()
-    try:
-        with distributed_context(args.device) as dist_info:
-            # Several CPU processes on one machine share the cores instead of oversubscribing.
-            cpu_processes = dist_info.enabled and dist_info.device.type == "cpu"
-            configure_threads(args.threads, share_cores=cpu_processes)
-            if args.command == "train":
-                out = args.out or f"runs/image/{config.projection}"
-                result = train(
-                    config, out, resume=args.resume, progress=args.progress,
-                    dist_info=dist_info,
-                )
-                if dist_info.is_main:
-                    from ._sweep import format_report
+    with distributed_context(args.device) as dist_info:
+        # Several CPU processes on one machine share the cores instead of oversubscribing.
+        cpu_processes = dist_info.enabled and dist_info.device.type == "cpu"
+        configure_threads(args.threads, share_cores=cpu_processes)
+        if args.command == "train":
+            out = args.out or f"runs/image/{config.projection}"
+            result = train(
+                config, out, resume=args.resume, overwrite=args.overwrite,
+                progress=args.progress, dist_info=dist_info,
+            )
+            if dist_info.is_main:
+                from ._sweep import format_report
 
-                    print(format_report([result]), end="")
-            else:
-                sweep(
-                    config, args.projections, args.out, resume=not args.fresh,
-                    progress=args.progress, dist_info=dist_info,
-                )
-                if dist_info.is_main:
-                    from ._sweep import REPORT
+                print(format_report([result]), end="")
+        else:
+            sweep(
+                config, args.projections, args.out, resume=not args.fresh,
+                progress=args.progress, dist_info=dist_info,
+            )
+            if dist_info.is_main:
+                from ._sweep import REPORT
 
-                    report = (Path(args.out) / REPORT).read_text()
-                    print(f"\n{report}", end="")
-                    print(f"wrote {args.out}/{REPORT} in {time.perf_counter() - started:.0f} s")
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+                report = (Path(args.out) / REPORT).read_text()
+                print(f"\n{report}", end="")
+                print(f"wrote {args.out}/{REPORT} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

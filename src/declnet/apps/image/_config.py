@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .._loop import check_options
 from ._data import DATASETS
 from ._model import PROJECTIONS
 
@@ -85,7 +87,6 @@ class ImageConfig:
             "width": self.width,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
-            "lr": self.lr,
             "lr_step": self.lr_step,
             "radius_scale": self.radius_scale,
         }
@@ -98,11 +99,11 @@ class ImageConfig:
                 raise ValueError(f"{name} must be positive (or unset), got {value}")
         if self.workers < 0:
             raise ValueError(f"workers must be non-negative, got {self.workers}")
-        if self.momentum < 0 or self.weight_decay < 0 or self.lr_gamma <= 0:
-            raise ValueError(
-                "momentum and weight_decay must be non-negative and lr_gamma positive, got "
-                f"{self.momentum}, {self.weight_decay}, {self.lr_gamma}"
-            )
+        check_options(
+            lr=self.lr, momentum=self.momentum, seed=self.seed, weight_decay=self.weight_decay
+        )
+        if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
+            raise ValueError(f"--lr-gamma must be a finite positive number, got {self.lr_gamma}")
 
     def replace(self, **changes: Any) -> ImageConfig:
         """A copy with some fields changed (validated again)."""

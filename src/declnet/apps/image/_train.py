@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import time
@@ -26,7 +26,9 @@ from .._common import (
     load_checkpoint,
     process_group,
     progress_bar,
+    read_json,
     resolve_device,
+    run_lock,
     save_atomic,
     sum_over_processes,
     synced_clock,
@@ -34,7 +36,8 @@ from .._common import (
     wrap_ddp,
     write_json_atomic,
 )
-from .._metrics import mean_average_precision, topk_accuracy
+from .._loop import derive_seed, sgd_with_step_schedule, train_epoch
+from .._metrics import authors_map, mean_average_precision, topk_accuracy
 from ._config import ImageConfig
 from ._data import DatasetInfo, load_dataset
 from ._model import ResNet, default_radius, resnet18
@@ -122,7 +125,7 @@ def _loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A loader whose order depends only on ``(seed, epoch)``, so that resuming repeats it."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + dist_info.rank)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "shuffle", epoch, dist_info.rank))
     sampler: Optional[torch.utils.data.Sampler] = None
     if dist_info.enabled:
         if shuffle:
@@ -170,7 +173,9 @@ def evaluate(
         progress: Show a progress bar (``None``: only on a terminal).
 
     Returns:
-        ``{"top1", "top5", "map", "loss", "count"}``: accuracies and mAP in ``[0, 1]``, the
+        ``{"top1", "top5", "map", "map_authors", "loss", "count"}``: accuracies and mAPs
+        in ``[0, 1]`` (``map`` over every class; ``map_authors`` the paper's definition,
+        interpolated AP over the first six classes), the
         mean cross-entropy and the number of images evaluated.
     """
     dist_info = dist_info or Distributed()
@@ -194,10 +199,12 @@ def evaluate(
         all_logits = torch.cat([part[0] for part in gathered if part[0].numel()])
         all_labels = torch.cat([part[1] for part in gathered if part[1].numel()])
     accuracy = topk_accuracy(all_logits, all_labels, ks=(1, 5))
+    probabilities = all_logits.softmax(dim=1)
     return {
         "top1": accuracy[1],
         "top5": accuracy[5],
-        "map": mean_average_precision(all_logits.softmax(dim=1), all_labels),
+        "map": mean_average_precision(probabilities, all_labels),
+        "map_authors": authors_map(probabilities, all_labels),
         "loss": float(nn.functional.cross_entropy(all_logits, all_labels)),
         "count": all_labels.shape[0],
     }
@@ -222,7 +229,7 @@ def build_model(config: ImageConfig, info: DatasetInfo) -> ResNet:
     Returns:
         A :class:`ResNet` mapping ``(B, info.in_channels, H, W)`` to ``(B, info.num_classes)``.
     """
-    torch.manual_seed(config.seed)
+    torch.manual_seed(derive_seed(config.seed, "init"))
     small = config.small_input if config.small_input is not None else info.small_input
     return resnet18(
         info.num_classes,
@@ -240,6 +247,7 @@ def train(
     out_dir: Union[str, os.PathLike[str]],
     *,
     resume: bool = False,
+    overwrite: bool = False,
     device: str = "auto",
     progress: Optional[bool] = None,
     dist_info: Optional[Distributed] = None,
@@ -261,7 +269,10 @@ def train(
         config: The run.
         out_dir: Folder for the files.
         resume: Continue from ``out_dir/checkpoint.pt`` when there is one (a run with a
-            ``result.json`` is returned as it is); otherwise start afresh.
+            ``result.json`` is returned as it is).
+        overwrite: Delete a run found in ``out_dir`` and start afresh. Without it or
+            ``resume``, a folder that holds a run (finished or not) is an error: a finished
+            result is never deleted unless asked for.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (unused when ``dist_info``
             is given).
         progress: Progress bars (``None``: only on a terminal).
@@ -274,17 +285,56 @@ def train(
         "epochs", "train_images", "val_images", "val_evaluated", "dataset", "device",
         "wall_s", "config"}``.
 
+    The folder is locked while the run trains (``.lock``): a second process on the same
+    folder stops with an error naming the first.
+
     Raises:
-        ValueError: If the checkpoint to resume was made with another configuration, or the
-            batch size does not divide among the processes.
+        ValueError: If the folder holds a run and neither ``resume`` nor ``overwrite`` is
+            given, the checkpoint to resume was made with another configuration, a file of
+            the run is damaged, another process holds the folder, the loss becomes NaN or
+            infinite, or the batch size does not divide among the processes.
     """
     dist_info = dist_info or Distributed(0, 1, resolve_device(device))
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder for the run")
+    lock = run_lock(out) if dist_info.is_main else contextlib.nullcontext()
+    try:
+        with lock:
+            return _train_locked(
+                config, out, resume=resume, overwrite=overwrite, progress=progress,
+                dist_info=dist_info, log=log,
+            )
+    finally:
+        barrier()
+
+
+def _train_locked(
+    config: ImageConfig,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: Optional[bool],
+    dist_info: Distributed,
+    log: Any,
+) -> dict[str, Any]:
     result_path, checkpoint_path = out / RESULT, out / CHECKPOINT
+    found = [path.name for path in (result_path, checkpoint_path, out / METRICS) if path.exists()]
+    if found and not resume:
+        if not overwrite:
+            raise ValueError(
+                f"{out} already holds a run ({', '.join(found)}); pass --resume to continue "
+                "it, --overwrite to delete it and train afresh, or give another --out"
+            )
+        barrier()  # every process has looked before the main one deletes
+        if dist_info.is_main:
+            for name in found:
+                (out / name).unlink(missing_ok=True)
     config_dict = config.to_dict()
     checkpoint: Optional[dict[str, Any]] = None
     if resume and result_path.is_file():
-        result = json.loads(result_path.read_text())
+        result = read_json(result_path)
         differences = config_differences(result.get("config", {}), config_dict)
         if not differences:
             return result
@@ -292,7 +342,7 @@ def train(
             raise ValueError(
                 f"{out} holds a finished run with another configuration ("
                 + "; ".join(differences)
-                + "); choose another output folder or start afresh"
+                + "); choose another output folder or pass --overwrite"
             )
         # Only the number of epochs changed: continue training from the checkpoint.
     if resume and checkpoint_path.is_file():
@@ -307,7 +357,7 @@ def train(
             raise ValueError(
                 f"cannot resume {checkpoint_path}: it was made with another configuration ("
                 + "; ".join(differences)
-                + "); choose another output folder or start afresh"
+                + "); choose another output folder or pass --overwrite"
             )
         if checkpoint["epoch"] > config.epochs:
             raise ValueError(
@@ -344,11 +394,10 @@ def train(
         if config.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = wrap_ddp(net, dist_info.device)
-    optimizer = torch.optim.SGD(
+    optimizer, scheduler = sgd_with_step_schedule(
         net.parameters(), lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay,
+        weight_decay=config.weight_decay, step_size=config.lr_step, gamma=config.lr_gamma,
     )
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)
     totals = {"data": 0.0, "forward": 0.0, "backward": 0.0, "projection": 0.0, "images": 0}
     start_epoch, wall_before = 0, 0.0
     train_loss = math.nan
@@ -366,10 +415,6 @@ def train(
         # A fresh run starts a fresh log; a resumed one drops the epochs logged after the
         # checkpoint was taken (an interrupted save).
         trim_jsonl(out / METRICS, start_epoch)
-        if checkpoint is None:
-            checkpoint_path.unlink(missing_ok=True)
-            result_path.unlink(missing_ok=True)
-    criterion = nn.CrossEntropyLoss()
     device = dist_info.device
     started = time.perf_counter()
     metrics: dict[str, Any] = {}
@@ -379,52 +424,23 @@ def train(
             train_set, local_batch, shuffle=True, workers=config.workers, seed=config.seed,
             epoch=epoch, dist_info=dist_info, drop_last=len(train_set) > config.batch_size,
         )
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        bar = progress_bar(
-            loader, enabled=progress if dist_info.is_main else False, total=len(loader),
+        projection_before = timer.seconds if timer else 0.0
+        sums = train_epoch(
+            net, loader, optimizer, device, total=len(loader),
             desc=f"{config.projection} {epoch + 1}/{config.epochs}",
+            progress=progress if dist_info.is_main else False, what=str(out), epoch=epoch,
+            hint="lower --lr, check --radius, or look for NaN or infinite values in the data",
         )
-        iterator = iter(bar)
-        while True:
-            t0 = synced_clock(device)
-            try:
-                images, targets = next(iterator)
-            except StopIteration:
-                break
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            t1 = synced_clock(device)
-            projection_before = timer.seconds if timer else 0.0
-            logits = net(images)
-            loss = criterion(logits, targets)
-            t2 = synced_clock(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            t3 = synced_clock(device)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the training loss became {float(loss)} at epoch {epoch + 1} "
-                    f"({config.projection}); lower --lr or check --radius"
-                )
-            batch = images.shape[0]
-            totals["data"] += t1 - t0
-            totals["forward"] += t2 - t1
-            totals["backward"] += t3 - t2
-            totals["projection"] += (timer.seconds if timer else 0.0) - projection_before
-            totals["images"] += batch
-            loss_sum += loss.detach() * batch
-            correct += (logits.detach().argmax(1) == targets).sum()
-            seen += batch
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-        scheduler.step()
+        projection = (timer.seconds if timer else 0.0) - projection_before
         if dist_info.enabled:
-            stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
-            stats = sum_over_processes(stats, device)
-            loss_sum, correct, seen = stats[0], stats[1], int(stats[2])
-        train_loss = float(loss_sum) / max(seen, 1)
+            projection = float(sum_over_processes(torch.tensor([projection]), device)[0])
+        scheduler.step()
+        totals["data"] += sums.data_s
+        totals["forward"] += sums.forward_s
+        totals["backward"] += sums.backward_s
+        totals["projection"] += projection
+        totals["images"] += int(sums.count)
+        train_loss = sums.loss
         if timer:
             timer.active = False
         # The unwrapped model: DDP's forward is a collective, and the shards may differ by a batch.
@@ -440,11 +456,12 @@ def train(
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
-            "train_top1": float(correct) / max(seen, 1),
+            "train_top1": sums.top1,
             "val_loss": metrics["loss"],
             "top1": metrics["top1"],
             "top5": metrics["top5"],
             "map": metrics["map"],
+            "map_authors": metrics["map_authors"],
             "data_us": 1e6 * totals["data"] / images_done,
             "forward_us": 1e6 * totals["forward"] / images_done,
             "backward_us": 1e6 * totals["backward"] / images_done,
@@ -468,6 +485,7 @@ def train(
                 f"{config.projection:>11} epoch {epoch + 1:>3}/{config.epochs}: "
                 f"loss {train_loss:.4f}  top-1 {100 * metrics['top1']:.2f}%  "
                 f"top-5 {100 * metrics['top5']:.2f}%  mAP {100 * metrics['map']:.2f}  "
+                f"authors' mAP {100 * metrics['map_authors']:.2f}  "
                 f"({wall:.1f} s)"
             )
     if timer:
@@ -484,6 +502,7 @@ def train(
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "map": metrics["map"],
+        "map_authors": metrics["map_authors"],
         "val_loss": metrics["loss"],
         "train_loss": train_loss,
         "data_us": 1e6 * totals["data"] / images_done,

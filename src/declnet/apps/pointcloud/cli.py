@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._common import add_device_arguments
+from .._common import add_device_arguments, cli_errors
 from .config import PRESETS, RunConfig, SweepConfig, apply_preset
 from .data import load_dataset
 from .model import POOLS
@@ -86,7 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate the final model at these rates, e.g. '0 0.5' (default: the training rate)",
     )
     p.add_argument("--out", required=True, help="the run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue the run in --out")
+    how.add_argument(
+        "--overwrite", action="store_true", help="delete the run in --out and train afresh"
+    )
 
     p = sub.add_parser("sweep", help="train a grid of pools × outlier rates, then report")
     _run_options(p)
@@ -138,14 +141,18 @@ def _run_config(options: dict[str, Any], **extra: Any) -> RunConfig:
     return RunConfig(**kwargs)
 
 
+def _process_group(config: RunConfig) -> Any:
+    """Be in ``torchrun``'s process group (if any) for the runs, and leave it afterwards."""
+    from .._common import distributed_info, process_group, resolve_device
+
+    info = distributed_info()
+    return process_group(info, resolve_device(config.device, info))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli_errors(lambda: _dispatch(args))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -184,12 +191,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             train_outlier_rate=rate,
             test_outlier_rates=options.get("test_outlier_rates") or [rate],
         )
-        final = run_training(cfg, args.out, resume=args.resume)
+        with _process_group(cfg):
+            final = run_training(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
         if final is not None:
             for r in final["results"]:
                 print(
                     f"outliers {100 * r['outlier_rate']:g}%: top-1 {100 * r['top1']:.2f}%  "
-                    f"mAP {100 * r['map']:.2f}"
+                    f"mAP {100 * r['map']:.2f}  authors' mAP {100 * r['map_authors']:.2f}"
                 )
         return 0
 
@@ -203,7 +211,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         outlier_rates=list(options.get("outlier_rates") or [0.0, 0.5]),
         train_clean=bool(options.get("train_clean") or False),
     )
-    run_sweep(sweep, args.out)
+    with _process_group(sweep.base):
+        run_sweep(sweep, args.out)
     if distributed_info().is_main:
         text = write_report(args.out, plots=not args.no_plots)
         print(text)

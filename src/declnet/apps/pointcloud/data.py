@@ -106,13 +106,20 @@ def _read_h5_split(files: list[Path], num_points: int) -> tuple[np.ndarray, np.n
     h5py = _import_h5py()
     points, labels = [], []
     for path in files:
-        with h5py.File(path, "r") as f:
-            if "data" not in f or "label" not in f:
-                raise ValueError(
-                    f"{path} lacks the datasets 'data' and 'label' (found {sorted(f)})\n{H5_LAYOUT}"
-                )
-            data = np.asarray(f["data"])
-            label = np.asarray(f["label"])
+        try:
+            with h5py.File(path, "r") as f:
+                if "data" not in f or "label" not in f:
+                    raise ValueError(
+                        f"{path} lacks the datasets 'data' and 'label' (found {sorted(f)})\n"
+                        f"{H5_LAYOUT}"
+                    )
+                data = np.asarray(f["data"])
+                label = np.asarray(f["label"])
+        except OSError as err:  # h5py's error for truncated or damaged files
+            raise ValueError(
+                f"{path} is not a readable HDF5 file ({err}); it is truncated or damaged: "
+                "replace it with a fresh copy of the release"
+            ) from err
         if data.ndim != 3 or data.shape[2] != 3:
             raise ValueError(f"{path}: 'data' must be (n, P, 3), got {data.shape}\n{H5_LAYOUT}")
         if label.reshape(-1).shape[0] != data.shape[0]:
@@ -124,7 +131,15 @@ def _read_h5_split(files: list[Path], num_points: int) -> tuple[np.ndarray, np.n
                 f"{path} has {data.shape[1]} points per cloud, "
                 f"fewer than the {num_points} asked for"
             )
-        points.append(data[:, :num_points].astype(np.float32))
+        kept = data[:, :num_points].astype(np.float32)
+        bad = ~np.isfinite(kept).all(axis=(1, 2))
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{path}: {int(bad.sum())} cloud(s) hold NaN or infinite coordinates (the first "
+                f"is cloud {first}); the file is damaged: replace it with a fresh copy"
+            )
+        points.append(kept)
         labels.append(label.reshape(-1).astype(np.int64))
     return np.concatenate(points), np.concatenate(labels)
 
@@ -201,14 +216,18 @@ def export_h5(
 # OFF meshes
 
 
-_OFF_HEADER = re.compile(r"^\s*OFF(.*)$")
+#: The OFF keyword, with the optional prefixes of its variants: ``C`` (vertex colours), ``N``
+#: (normals), ``ST`` (texture coordinates), ``4`` (homogeneous coordinates; not supported).
+_OFF_HEADER = re.compile(r"^\s*(ST)?(C)?(N)?(4)?OFF(.*)$")
 
 
 def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a mesh in OFF format, triangulating polygons as fans.
 
     Accepts the malformed headers found in ModelNet40 where the counts are glued to the
-    keyword (``OFF1234 5678 0``), comment lines starting with ``#`` and blank lines.
+    keyword (``OFF1234 5678 0``), comment lines starting with ``#`` and blank lines, the
+    ``COFF``, ``NOFF``, ``CNOFF`` and ``STOFF`` variants (the extra per-vertex values after
+    the coordinates are ignored) and per-face colours after a face's vertex indices.
 
     Args:
         path: The ``.off`` file.
@@ -225,7 +244,9 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     match = _OFF_HEADER.match(lines[0]) if lines else None
     if match is None:
         raise ValueError(f"{path}: not an OFF file (the first line must start with 'OFF')")
-    rest = match.group(1).split()
+    if match.group(4):
+        raise ValueError(f"{path}: 4OFF (homogeneous coordinates) is not supported")
+    rest = match.group(5).split()
     body = lines[1:]
     if not rest:
         if not body:
@@ -242,22 +263,33 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         )
     face_lines = body[num_vertices : num_vertices + num_faces]
     try:
+        # Values after the three coordinates (COFF colours, NOFF normals) are ignored.
         vertices = np.array([ln.split()[:3] for ln in body[:num_vertices]], dtype=np.float64)
-        flat = np.array(" ".join(face_lines).split(), dtype=np.int64)
     except ValueError as err:
-        raise ValueError(f"{path}: unparsable vertex or face line") from err
-    if flat.size == 4 * num_faces and np.all(flat[::4] == 3):
+        raise ValueError(f"{path}: unparsable vertex line (expected 3 coordinates)") from err
+    if vertices.shape != (num_vertices, 3):
+        raise ValueError(f"{path}: a vertex line has fewer than 3 coordinates")
+    try:
+        flat: np.ndarray | None = np.array(" ".join(face_lines).split(), dtype=np.int64)
+    except ValueError:
+        flat = None  # colours given as floats: read the faces one by one
+    if flat is not None and flat.size == 4 * num_faces and np.all(flat[::4] == 3):
         triangles = flat.reshape(num_faces, 4)[:, 1:]  # all triangles (ModelNet): vectorised
-    else:  # polygons: triangulate each as a fan
+    else:  # polygons, or faces with colours: triangulate each as a fan
         triangles = []
         for line in face_lines:
-            face = [int(t) for t in line.split()]
-            k, idx = face[0], face[1 : 1 + face[0]]
+            tokens = line.split()
+            try:
+                k = int(tokens[0])
+                idx = [int(t) for t in tokens[1 : 1 + k]]
+            except (IndexError, ValueError) as err:
+                raise ValueError(f"{path}: bad face line {line!r}") from err
+            # Anything after the k indices is the face's colour (3 or 4 values), ignored.
             if k < 3 or len(idx) != k:
                 raise ValueError(f"{path}: bad face line {line!r}")
             triangles.extend((idx[0], idx[j], idx[j + 1]) for j in range(1, k - 1))
     tri = np.array(triangles, dtype=np.int64).reshape(-1, 3)
-    if vertices.shape != (num_vertices, 3) or (len(tri) and tri.max() >= num_vertices):
+    if len(tri) and (tri.max() >= num_vertices or tri.min() < 0):
         raise ValueError(f"{path}: faces refer to vertices that do not exist")
     return vertices, tri
 

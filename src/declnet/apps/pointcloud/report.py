@@ -3,10 +3,10 @@ Tables 3–5 and Fig. 5."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from .._common import read_json, write_text_atomic
 from .model import POOLS
 
 __all__ = ["POOL_LABELS", "accuracy_table", "collect", "plot", "timing_table", "write_report"]
@@ -29,9 +29,21 @@ PROTOCOL_TITLES = {
 
 RESULTS_FILE = "results.md"
 
+#: Column label of the authors' mAP (interpolated AP over the first six classes).
+AUTHORS_LABEL = "authors' mAP"
+
+#: What the metric columns mean, printed above every accuracy table.
+METRICS_NOTE = (
+    "Top-1 accuracy %; mAP: mean average precision × 100 over every class (softmax "
+    "probabilities, the standard definition); "
+    + AUTHORS_LABEL
+    + ": the authors' definition, VOC-interpolated AP averaged over the first six classes "
+    "only, the quantity of the paper's Tables 3 and 4 (compare with those)."
+)
+
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Read the ``final.json`` of every finished run below ``sweep_dir``.
+    """Read the ``result.json`` of every finished run below ``sweep_dir``.
 
     Raises:
         ValueError: If the folder does not exist or holds no finished run.
@@ -39,9 +51,14 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ValueError(f"{sweep_dir} is not a folder")
-    finals = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/final.json"))]
+    finals = []
+    for run in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        # ``final.json`` is the name older versions gave the result.
+        path = next((run / n for n in ("result.json", "final.json") if (run / n).is_file()), None)
+        if path is not None:
+            finals.append(read_json(path))
     if not finals:
-        raise ValueError(f"{sweep_dir} has no finished runs (no */final.json)")
+        raise ValueError(f"{sweep_dir} has no finished runs (no */result.json)")
     return finals
 
 
@@ -51,19 +68,31 @@ def _pools(finals: list[dict[str, Any]]) -> list[str]:
 
 
 def _grid(finals: list[dict[str, Any]], protocol: str) -> dict[tuple[str, float], dict[str, float]]:
+    """The results of one protocol by (pool, test rate).
+
+    The Table 3 grid ("same") also takes the clean row from the runs trained without outliers
+    and tested at several rates (those of Table 4), when the folder holds Table 3 runs.
+    """
     grid = {}
+    has_same = any(f["protocol"] == "same" for f in finals)
     for f in finals:
-        if f["protocol"] == protocol:
-            for r in f["results"]:
-                grid[(f["pool"], float(r["outlier_rate"]))] = r
+        train = float(f["train_outlier_rate"])
+        for r in f["results"]:
+            rate = float(r["outlier_rate"])
+            if f["protocol"] == protocol or (
+                protocol == "same" and has_same and f["protocol"] == "clean" and rate == train
+            ):
+                grid[(f["pool"], rate)] = r
     return grid
 
 
 def accuracy_table(finals: list[dict[str, Any]], protocol: str) -> str:
-    """Markdown table: one row per outlier rate; top-1 accuracy % then mAP × 100 per pool.
+    """Markdown table: one row per outlier rate; per pool top-1 accuracy %, the standard mAP
+    × 100 over every class, then the authors' mAP × 100 (interpolated AP over the first six
+    classes, the quantity of the paper's tables; "authors' mAP" in the header).
 
     The best value of each row and metric is bold. Empty string when no run of the protocol
-    exists.
+    exists. Results written before the authors' mAP existed show "–" in its columns.
     """
     grid = _grid(finals, protocol)
     if not grid:
@@ -74,12 +103,18 @@ def accuracy_table(finals: list[dict[str, Any]], protocol: str) -> str:
         ["O %"]
         + [f"top-1 {POOL_LABELS[p]}" for p in pools]
         + [f"mAP {POOL_LABELS[p]}" for p in pools]
+        + [f"{AUTHORS_LABEL} {POOL_LABELS[p]}" for p in pools]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for rate in rates:
         cells = [f"{100 * rate:g}"]
-        for metric in ("top1", "map"):
-            values = [grid[(p, rate)][metric] * 100 if (p, rate) in grid else None for p in pools]
+        for metric in ("top1", "map", "map_authors"):
+            values = [
+                grid[(p, rate)][metric] * 100
+                if (p, rate) in grid and metric in grid[(p, rate)]
+                else None
+                for p in pools
+            ]
             best = max((v for v in values if v is not None), default=None)
             for v in values:
                 if v is None:
@@ -165,8 +200,7 @@ def write_report(sweep_dir: str | Path, *, plots: bool = True) -> str:
         table = accuracy_table(finals, protocol)
         if table:
             parts.append(
-                f"### {title}\n\nTop-1 accuracy % and mean average precision × 100 "
-                f"on the test set.\n\n{table}\n"
+                f"### {title}\n\n{METRICS_NOTE} On the test set.\n\n{table}\n"
             )
     devices = ", ".join(sorted({f"{f['device']} × {f['world_size']}" for f in finals}))
     parts.append(
@@ -176,7 +210,7 @@ def write_report(sweep_dir: str | Path, *, plots: bool = True) -> str:
         + "\n"
     )
     text = "\n".join(parts)
-    (sweep_dir / RESULTS_FILE).write_text(text)
+    write_text_atomic(sweep_dir / RESULTS_FILE, text)
     if plots:
         plot(finals, "top1", sweep_dir / "accuracy_vs_outliers.png")
         plot(finals, "map", sweep_dir / "map_vs_outliers.png")

@@ -9,7 +9,7 @@ from typing import Any
 
 from .._common import distributed_info
 from .config import SweepConfig
-from .train import CHECKPOINT_FILE, FINAL_FILE, load_data, run_training
+from .train import CHECKPOINT_FILE, RESULT_FILE, load_data, run_training
 
 __all__ = ["run_sweep"]
 
@@ -17,7 +17,7 @@ __all__ = ["run_sweep"]
 def run_sweep(sweep: SweepConfig, out: str | Path, *, verbose: bool = True) -> list[dict[str, Any]]:
     """Run every run of ``sweep`` in ``out/<run name>``.
 
-    Finished runs (with ``final.json``) are skipped and interrupted ones continue from their
+    Finished runs (with ``result.json``) are skipped and interrupted ones continue from their
     checkpoint, so running the same sweep again completes it. The dataset is loaded once.
 
     Args:
@@ -26,7 +26,7 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, verbose: bool = True) -> l
         verbose: Print one line per run to stderr.
 
     Returns:
-        The ``final.json`` contents of every run, in grid order.
+        The ``result.json`` contents of every run, in grid order.
     """
     out = Path(out)
     info = distributed_info()
@@ -35,10 +35,10 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, verbose: bool = True) -> l
     finals = []
     for i, (name, config) in enumerate(runs, 1):
         run_dir = out / name
-        if not (run_dir / FINAL_FILE).is_file() and data is None:
+        if not (run_dir / RESULT_FILE).is_file() and data is None:
             data = load_data(sweep.base)
         state = "resuming" if (run_dir / CHECKPOINT_FILE).is_file() else "training"
-        if (run_dir / FINAL_FILE).is_file():
+        if (run_dir / RESULT_FILE).is_file():
             state = "done"
         start = time.perf_counter()
         final = run_training(config, run_dir, resume=True, data=data, name=name)

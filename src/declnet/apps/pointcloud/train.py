@@ -5,7 +5,7 @@ A run lives in its own folder::
     RUN/config.json      the configuration (RunConfig.to_dict())
     RUN/metrics.jsonl    one JSON line per epoch (loss, test top-1, mAP, timings)
     RUN/checkpoint.pt    model, optimiser and scheduler after the last finished epoch
-    RUN/final.json       the final evaluation at every test outlier rate, written last
+    RUN/result.json      the final evaluation at every test outlier rate, written last
 
 Every source of randomness is seeded from ``config.seed`` and, where it changes over time,
 from the epoch number, so a run resumed from its checkpoint (``resume=True``) follows the
@@ -14,8 +14,8 @@ same trajectory as one that was never interrupted.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Iterator
@@ -35,17 +35,17 @@ from .._common import (
     distributed_info,
     init_process_group,
     load_checkpoint,
-    progress_bar,
+    read_json,
     read_jsonl,
     resolve_device,
+    run_lock,
     save_atomic,
-    sum_over_processes,
-    synced_clock,
     trim_jsonl,
     wrap_ddp,
     write_json_atomic,
 )
-from .._metrics import mean_average_precision, top1_accuracy
+from .._loop import derive_seed, sgd_with_step_schedule, train_epoch
+from .._metrics import authors_map, mean_average_precision, top1_accuracy
 from .config import RunConfig
 from .data import PointCloudSet, load_dataset
 from .model import PointNet
@@ -56,13 +56,7 @@ __all__ = ["DistributedInfo", "evaluate", "load_data", "run_training"]
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_FILE = "final.json"
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A 63-bit seed derived from ``seed`` and a tag (e.g. ("shuffle", epoch))."""
-    text = "/".join(str(p) for p in (seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+RESULT_FILE = "result.json"
 
 
 # --------------------------------------------------------------------------------------
@@ -112,7 +106,12 @@ def evaluate(
     device: torch.device,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Evaluate a classifier: mean loss, top-1 accuracy and mAP.
+    """Evaluate a classifier: mean loss, top-1 accuracy and the two mAPs.
+
+    Both mAPs rank the softmax probabilities: ``map`` is the standard mean over every class
+    of the (uninterpolated) average precision, ``map_authors`` the quantity of the paper's
+    tables (VOC-interpolated AP averaged over the first six classes only, as the authors'
+    code computes it; see :func:`~declnet.apps._metrics.authors_map`).
 
     Args:
         model: Maps (B, N, 3) clouds to (B, K) logits.
@@ -122,7 +121,8 @@ def evaluate(
         batch_size: Clouds per forward pass.
 
     Returns:
-        ``{"loss": ..., "top1": ..., "map": ...}`` (accuracy and mAP in [0, 1]).
+        ``{"loss": ..., "top1": ..., "map": ..., "map_authors": ...}`` (accuracy and mAPs
+        in [0, 1]).
     """
     was_training = model.training
     model.eval()
@@ -131,10 +131,12 @@ def evaluate(
         logits.append(model(points[start : start + batch_size].to(device)).float().cpu())
     model.train(was_training)
     scores = torch.cat(logits)
+    probabilities = scores.softmax(dim=1)
     return {
         "loss": float(F.cross_entropy(scores, labels)),
         "top1": top1_accuracy(scores, labels),
-        "map": mean_average_precision(scores, labels),
+        "map": mean_average_precision(probabilities, labels),
+        "map_authors": authors_map(probabilities, labels),
     }
 
 
@@ -155,85 +157,191 @@ def _batches(
         yield mine[start : start + batch_size]
 
 
+def _evaluate_at(
+    model: nn.Module,
+    test_set: PointCloudSet,
+    rates: list[float],
+    config: RunConfig,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    results = []
+    for rate in rates:
+        points = corrupted(test_set.points, rate, config.seed, "test")
+        results.append({"outlier_rate": rate, **evaluate(model, points, test_set.labels, device)})
+    return results
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Delete the files of a run (``--overwrite``), leaving anything else in the folder."""
+    for file in (RESULT_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE):
+        (run_dir / file).unlink(missing_ok=True)
+
+
 def run_training(
     config: RunConfig,
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     data: tuple[PointCloudSet, PointCloudSet] | None = None,
     name: str | None = None,
     stop_after_epochs: int | None = None,
 ) -> dict[str, Any] | None:
     """Train and evaluate one PointNet, writing the run folder described in the module docs.
 
+    The folder is locked while the run trains (``RUN/.lock``): a second process on the same
+    folder stops with an error naming the first.
+
     Args:
         config: The run configuration.
         run_dir: The run's folder (created).
         resume: Continue from ``run_dir/checkpoint.pt`` if it exists (a finished run just
-            returns its results). Without it, a folder that already holds a run is an error.
+            returns its results, evaluated at any test outlier rate it lacks).
+        overwrite: Delete a run found in the folder and start afresh. Without it or
+            ``resume``, a folder that already holds a run is an error.
         data: Clean ``(train, test)`` sets, to share one loaded dataset between runs
             (default: load what ``config`` describes).
         name: Name shown in progress output (default: the folder name).
         stop_after_epochs: Stop after this many epochs in total, as if interrupted (for
-            testing ``resume``); the run then has no ``final.json``.
+            testing ``resume``); the run then has no ``result.json``.
 
     Returns:
-        The contents of ``final.json``, or None when stopped early.
+        The contents of ``result.json``, or None when stopped early.
 
     Raises:
-        ValueError: If the folder holds a different or unfinished run and ``resume`` is not
-            set, or the configuration differs from the saved one.
+        ValueError: If the folder holds a different or unfinished run and neither ``resume``
+            nor ``overwrite`` is set, the configuration differs from the saved one, a file of
+            the run is damaged, another process holds the folder, or the loss becomes NaN.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file, not a folder; give a folder for the run")
     name = name or run_dir.name
     info = distributed_info()
     device = resolve_device(config.device, info)
     init_process_group(info, device)
     # Several CPU processes on one machine share the cores instead of oversubscribing them.
     configure_threads(config.threads, share_cores=info.enabled and device.type == "cpu")
+    lock = run_lock(run_dir) if info.is_main else contextlib.nullcontext()
+    try:
+        with lock:
+            return _run_locked(
+                config,
+                run_dir,
+                info,
+                device,
+                resume=resume,
+                overwrite=overwrite,
+                data=data,
+                name=name,
+                stop_after_epochs=stop_after_epochs,
+            )
+    finally:
+        barrier()
 
-    final_path = run_dir / FINAL_FILE
+
+def _run_locked(
+    config: RunConfig,
+    run_dir: Path,
+    info: DistributedInfo,
+    device: torch.device,
+    *,
+    resume: bool,
+    overwrite: bool,
+    data: tuple[PointCloudSet, PointCloudSet] | None,
+    name: str,
+    stop_after_epochs: int | None,
+) -> dict[str, Any] | None:
+    final_path = run_dir / RESULT_FILE
     ckpt_path = run_dir / CHECKPOINT_FILE
     config_path = run_dir / CONFIG_FILE
+    if overwrite and info.is_main:
+        _clear_run(run_dir)
+    barrier()
+    saved_rates: list[float] = []
     if config_path.is_file():
-        saved = RunConfig.from_dict(json.loads(config_path.read_text()))
-        differences = config_differences(saved.result_fields(), config.result_fields())
+        try:
+            saved = RunConfig.from_dict(read_json(config_path))
+        except TypeError as err:
+            raise ValueError(f"{config_path} is not a run configuration ({err})") from err
+        # The test rates only choose the final evaluations: a finished run is evaluated at
+        # the rates it lacks from its checkpoint (Table 4 from Table 3's clean models).
+        differences = config_differences(
+            saved.result_fields(), config.result_fields(), ignore=("test_outlier_rates",)
+        )
         if differences:
             raise ValueError(
                 f"{run_dir} holds a run with another configuration ("
                 + "; ".join(differences)
-                + "); choose another output folder"
+                + "); choose another output folder, or pass --overwrite to replace it"
             )
         if not resume:
-            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it")
+            raise ValueError(
+                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite "
+                "to replace it"
+            )
+        saved_rates = list(saved.test_outlier_rates)
     if resume and final_path.is_file():
-        return json.loads(final_path.read_text())
+        final = read_json(final_path)
+        missing = [
+            r
+            for r in config.test_outlier_rates
+            if r not in {float(x["outlier_rate"]) for x in final.get("results", [])}
+        ]
+        if not missing:
+            return final
+    else:
+        final = None
     barrier()  # every process has checked the folder before the main one writes to it
 
     train_set, test_set = data if data is not None else load_data(config)
-    train_points = corrupted(train_set.points, config.train_outlier_rate, config.seed, "train")
-    test_points = corrupted(test_set.points, config.train_outlier_rate, config.seed, "test")
-
     torch.manual_seed(derive_seed(config.seed, "init"))
     model: nn.Module = PointNet(train_set.num_classes, config.pool, config.alpha, config.width)
     if info.enabled and device.type == "cuda":
         # BatchNorm statistics over the whole batch of all processes, as on one device.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=max(1, config.epochs // 3), gamma=0.5
+
+    if final is not None:  # finished: evaluate the saved model at the new rates only
+        state = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(state["model"])
+        have = {float(r["outlier_rate"]): r for r in final["results"]}
+        rates = sorted(set(have) | set(config.test_outlier_rates))
+        new = _evaluate_at(model, test_set, [r for r in rates if r not in have], config, device)
+        have.update({r["outlier_rate"]: r for r in new})
+        final["results"] = [have[r] for r in rates]
+        final["protocol"] = protocol(dataclasses.replace(config, test_outlier_rates=rates))
+        if info.is_main:
+            write_json_atomic(config_path, {**config.to_dict(), "test_outlier_rates": rates})
+            write_json_atomic(final_path, final)
+        return final
+
+    train_points = corrupted(train_set.points, config.train_outlier_rate, config.seed, "train")
+    test_points = corrupted(test_set.points, config.train_outlier_rate, config.seed, "test")
+    optimizer, scheduler = sgd_with_step_schedule(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        step_size=config.epochs // 3,
+        gamma=0.5,
     )
     start_epoch = 0
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = int(state["epoch"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"{ckpt_path} does not fit this run ({type(err).__name__}: {err}); delete it "
+                "or pass --overwrite"
+            ) from err
+    rates_now = sorted(set(saved_rates) | set(config.test_outlier_rates))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(config_path, config.to_dict())
+        write_json_atomic(config_path, {**config.to_dict(), "test_outlier_rates": rates_now})
         # Drop metrics of epochs after the checkpoint (written just before an interruption).
         trim_jsonl(run_dir / METRICS_FILE, start_epoch)
     barrier()
@@ -255,50 +363,38 @@ def run_training(
         torch.manual_seed(derive_seed(config.seed, "epoch", epoch))  # dropout
         model.train()
         t_epoch = time.perf_counter()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-        times = torch.zeros(3, dtype=torch.float64)  # data, forward, backward (seconds)
         lr = optimizer.param_groups[0]["lr"]
-        bar = progress_bar(
-            _batches(len(train_points), config.batch_size, config.seed, epoch, info),
+        batches = (
+            (train_points[idx], train_set.labels[idx])
+            for idx in _batches(len(train_points), config.batch_size, config.seed, epoch, info)
+        )
+        sums = train_epoch(
+            train_model,
+            batches,
+            optimizer,
+            device,
             total=steps,
             desc=f"{name} {epoch + 1}/{config.epochs}",
-            enabled=show,
+            progress=show,
+            what=str(run_dir),
+            epoch=epoch,
         )
-        for idx in bar:
-            t0 = synced_clock(device)
-            x = train_points[idx].to(device, non_blocking=True)
-            y = train_set.labels[idx].to(device, non_blocking=True)
-            t1 = synced_clock(device)
-            logits = train_model(x)
-            loss = F.cross_entropy(logits, y)
-            t2 = synced_clock(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            t3 = synced_clock(device)
-            times += torch.tensor([t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64)
-            totals[0] += float(loss.detach()) * len(idx)
-            totals[1] += float((logits.argmax(1) == y).sum())
-            totals[2] += len(idx)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         scheduler.step()
-        if info.enabled:
-            packed = sum_over_processes(torch.cat([totals, times]), device)
-            totals, times = packed[:3], packed[3:]
         test = evaluate(model, test_points, test_set.labels, device)
         record = {
             "epoch": epoch + 1,
             "lr": lr,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_top1": float(totals[1] / totals[2]),
+            "train_loss": sums.loss,
+            "train_top1": sums.top1,
             "test_outlier_rate": config.train_outlier_rate,
             "test_loss": test["loss"],
             "test_top1": test["top1"],
             "test_map": test["map"],
+            "test_map_authors": test["map_authors"],
             # Per point cloud, in milliseconds (summed over processes, divided by all clouds).
-            "time_data_ms": float(times[0] / totals[2] * 1e3),
-            "time_forward_ms": float(times[1] / totals[2] * 1e3),
-            "time_backward_ms": float(times[2] / totals[2] * 1e3),
+            "time_data_ms": sums.data_s / sums.count * 1e3,
+            "time_forward_ms": sums.forward_s / sums.count * 1e3,
+            "time_backward_ms": sums.backward_s / sums.count * 1e3,
             "epoch_seconds": time.perf_counter() - t_epoch,
         }
         if info.is_main:
@@ -317,10 +413,7 @@ def run_training(
     if last_epoch < config.epochs:
         return None
 
-    results = []
-    for rate in config.test_outlier_rates:
-        points = corrupted(test_set.points, rate, config.seed, "test")
-        results.append({"outlier_rate": rate, **evaluate(model, points, test_set.labels, device)})
+    results = _evaluate_at(model, test_set, rates_now, config, device)
     metrics = read_jsonl(run_dir / METRICS_FILE) if info.is_main else []
     # Median over epochs: robust to the first epoch's warm-up and to other load on the machine.
     timing = {
@@ -332,7 +425,7 @@ def run_training(
         "pool": config.pool,
         "alpha": config.alpha,
         "train_outlier_rate": config.train_outlier_rate,
-        "protocol": protocol(config),
+        "protocol": protocol(dataclasses.replace(config, test_outlier_rates=rates_now)),
         "epochs": config.epochs,
         "device": str(device),
         "world_size": info.world_size,
@@ -342,5 +435,4 @@ def run_training(
     }
     if info.is_main:
         write_json_atomic(final_path, final)
-    barrier()
     return final
