@@ -81,3 +81,23 @@ def test_autocast_model_with_a_node():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+def test_vmap_over_a_node_folds_into_the_batch():
+    node = dt.UnitSphereProjection()
+    x = rand(3, 2, 4).requires_grad_(True)
+    y = torch.func.vmap(node)(x)
+    torch.testing.assert_close(y, node(x.detach().reshape(6, 4)).reshape(3, 2, 4))
+    v = rand(3, 2, 4, seed=1)
+    (g,) = torch.autograd.grad(y, x, v)
+    xr = x.detach().reshape(6, 4).requires_grad_(True)
+    (gr,) = torch.autograd.grad(node(xr), xr, v.reshape(6, 4))
+    torch.testing.assert_close(g.reshape(6, 4), gr)
+    # in_dims other than 0 and unmapped inputs
+    torch.testing.assert_close(torch.func.vmap(node, in_dims=1)(x.detach().transpose(0, 1)), y)
+
+
+def test_torch_func_grad_is_a_clear_error():
+    node = dt.UnitSphereProjection()
+    with pytest.raises(RuntimeError, match=r"torch\.func"):
+        torch.func.grad(lambda z: node(z.unsqueeze(0)).sum())(rand(4))

@@ -14,14 +14,16 @@ from ._running import solve_node
 __all__ = ["DeclarativeFunction"]
 
 
-class _Cached:
-    """Marks a solution already computed: re-attaches ``y`` to the inputs without solving
-    again (the differentiable backward builds on it)."""
+class _Holder:
+    """Carries the solution from ``forward`` to ``setup_context`` (and, when set before the
+    call, re-attaches a known solution to the inputs without solving again)."""
 
-    __slots__ = ("solution",)
+    __slots__ = ("low", "mode", "solution")
 
-    def __init__(self, solution: Any) -> None:
-        self.solution = solution
+    def __init__(self) -> None:
+        self.solution: Any = None
+        self.mode: Any = None
+        self.low: torch.dtype | None = None
 
 
 class _Params:
@@ -89,27 +91,27 @@ class DeclarativeFunction(torch.autograd.Function):
     @classmethod
     def apply(cls, node: Any, *xs: Any) -> Tensor:  # type: ignore[override]
         """``y`` for inputs ``xs``, differentiable w.r.t. ``xs`` and the node's parameters."""
+        if xs and isinstance(xs[0], _Holder):  # already prepared (torch.func re-dispatch)
+            return super().apply(node, *xs)
         _implicit_mode(node)
         params = ()
         if torch.is_grad_enabled() and isinstance(node, torch.nn.Module):
             params = tuple(p for p in node.parameters() if p.requires_grad)
         if params:
-            return super().apply(node, *xs, _PARAMS, *params)
-        return super().apply(node, *xs)
+            return super().apply(node, _Holder(), *xs, _PARAMS, *params)
+        return super().apply(node, _Holder(), *xs)
 
     @staticmethod
-    def forward(ctx: Any, node: Any, *args: Any) -> Tensor:  # type: ignore[override]
+    def forward(node: Any, holder: Any, *args: Any) -> Tensor:  # type: ignore[override]
         """Solve (autograd is off here) and return ``y``; ``args`` = inputs [, marker,
-        parameters]."""
-        cached = bool(args) and isinstance(args[0], _Cached)
-        if cached:
-            sol = args[0].solution
-            args = args[1:]
-        xs, params = _split(args)
+        parameters]. What the backward needs is left in ``holder``."""
+        xs, _ = _split(args)
         mode = _implicit_mode(node)
         low = _low_precision(xs)
-        if cached:
+        if holder.solution is not None:  # re-attached: the solution is known
+            sol = holder.solution
             y = sol.y.detach().clone()
+            low = None
         else:
             work = _upcast(xs)
             with _no_autocast(work):
@@ -117,19 +119,69 @@ class DeclarativeFunction(torch.autograd.Function):
                 if getattr(node, "check_optimality", False):
                     mode.check(node, work, sol)
             y = sol.y if low is None else sol.y.to(low)
-        ctx.low = None if cached else low
-        ctx.cached = cached
+        holder.solution, holder.mode, holder.low = sol, mode, low
+        return y
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        node, holder, *args = inputs
+        xs, params = _split(tuple(args))
+        ctx.low = holder.low
         ctx.node = node
-        ctx.mode = mode
-        ctx.solution = sol
+        ctx.mode = holder.mode
+        ctx.solution = holder.solution
         ctx.n_xs = len(xs)
         ctx.has_marker = len(args) > len(xs)
         ctx.non_tensors = {i: x for i, x in enumerate(xs) if not isinstance(x, Tensor)}
         ctx.need = [isinstance(x, Tensor) and x.requires_grad for x in xs]
         tensors = [x for x in xs if isinstance(x, Tensor)]
-        ctx.save_for_backward(y, *tensors, *params)
+        ctx.save_for_backward(output, *tensors, *params)
         ctx.n_params = len(params)
-        return y
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], node: Any, holder: Any,
+             *args: Any) -> tuple[Tensor, int]:
+        """``torch.func.vmap`` over a node: samples are independent, so the mapped dimension
+        is folded into the batch dimension and the node runs once on ``V·B`` samples."""
+        size = info.batch_size
+        xs, _ = _split(args)
+        dims = in_dims[2:2 + len(xs)]
+        if any(d is not None for d in in_dims[2 + len(xs) + 1:]):
+            raise ValueError(
+                f"{node_name(node)}: vmap over a node's parameters is not supported; map over "
+                "its inputs (per-sample gradients of parameters work with torch.func.grad "
+                "inside vmap over the inputs)."
+            )
+        batch = None
+        for x, d in zip(xs, dims):
+            if isinstance(x, Tensor):
+                b_dim = 1 if d == 0 else 0
+                if d is not None and x.dim() >= 2:
+                    batch = x.shape[b_dim]
+                elif d is None and x.dim() >= 1:
+                    batch = x.shape[0]
+        if batch is None:
+            raise ValueError(
+                f"{node_name(node)}: vmap needs batched tensor inputs (B, ...) under the "
+                "mapped dimension; 0-d inputs cannot be mapped over."
+            )
+        folded = []
+        for x, d in zip(xs, dims):
+            if not isinstance(x, Tensor) or (d is None and x.dim() == 0):
+                folded.append(x)
+                continue
+            if d is None:
+                x = x.unsqueeze(0).expand(size, *x.shape)
+            else:
+                x = x.movedim(d, 0)
+            if x.dim() < 2:
+                raise ValueError(
+                    f"{node_name(node)}: vmap over a 0-d input is not supported; give it a "
+                    "batch dimension."
+                )
+            folded.append(x.reshape(size * x.shape[1], *x.shape[2:]))
+        y = DeclarativeFunction.apply(node, *folded)
+        return y.reshape(size, batch, *y.shape[1:]), 0
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -139,6 +191,14 @@ class DeclarativeFunction(torch.autograd.Function):
         around ``y`` re-attached to the inputs (implicitly differentiable again), so second
         derivatives are those of implicit differentiation of the first.
         """
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise RuntimeError(
+                f"{node_name(ctx.node)}: the implicit backward cannot run inside torch.func "
+                "transforms (grad, jacrev, vjp, jvp, or vmap over the backward): it solves a KKT "
+                "system with data-dependent checks. torch.func.vmap over the node's forward is "
+                "supported; for gradients use torch.autograd.grad (per-sample gradients: vmap "
+                "the forward, then one autograd.grad, since samples are independent)."
+            )
         saved = ctx.saved_tensors
         y = saved[0]
         rest = list(saved[1:])
@@ -167,12 +227,13 @@ class DeclarativeFunction(torch.autograd.Function):
         it = iter(p_grads)
         all_p = [next(it) if ng else None for ng in need_params]
         marker = [None] if ctx.has_marker else []
-        cached = [None] if ctx.cached else []
-        return (None, *cached, *x_grads, *marker, *all_p)
+        return (None, None, *x_grads, *marker, *all_p)
 
     @staticmethod
     def forward_cached(node: Any, solution: Any, args: list[Any]) -> Tensor:
         """``y`` of ``solution`` attached to ``args`` (inputs [, marker, parameters]) through
         the node's implicit backward, without solving again."""
-        return torch.autograd.Function.apply.__func__(DeclarativeFunction, node,
-                                                       _Cached(solution), *args)
+        holder = _Holder()
+        holder.solution = solution
+        return torch.autograd.Function.apply.__func__(DeclarativeFunction, node, holder,
+                                                       *args)
