@@ -310,16 +310,21 @@ def _safeguarded_newton(fn: Any, lo: Tensor, hi: Tensor, start: Tensor, increasi
     """Root of a monotone scalar function per row inside the bracket [lo, hi].
 
     ``fn(t)`` returns (value, derivative). Newton steps that leave the current bracket
-    are replaced by bisection; the bracket shrinks on every iteration.
+    are replaced by bisection, and so is the step after one that did not halve the
+    bracket (Newton creeps on the steep ends of the multiplier equations, e.g. for inputs
+    far smaller than the radius); the bracket shrinks on every iteration.
     """
     t = start
+    width = hi - lo
     for _ in range(_OUTER_ITERS):
         value, slope = fn(t)
         below = value < 0 if increasing else value > 0
         lo = torch.where(below, t, lo)
         hi = torch.where(below, hi, t)
+        slow = (hi - lo) > 0.5 * width
+        width = hi - lo
         newton = t - value / torch.where(slope == 0, torch.ones_like(slope), slope)
-        ok = (newton > lo) & (newton < hi) & (slope != 0)
+        ok = (newton > lo) & (newton < hi) & (slope != 0) & ~slow
         t_next = torch.where(ok, newton, 0.5 * (lo + hi))
         done = (value.abs() <= 1e-13) | ((hi - lo) <= 1e-15 * hi.abs())
         t = torch.where(done, t, t_next)
@@ -333,6 +338,13 @@ def _scaled_norm(a: Tensor, p: float) -> Tensor:
     top = a.amax(-1, keepdim=True)
     safe = torch.where(top > 0, top, torch.ones_like(top))
     return top * ((a / safe) ** p).sum(-1, keepdim=True) ** (1.0 / p)
+
+
+def _unit(z: Tensor, p: float) -> Tensor:
+    """Rows of z ≥ 0 divided by their Lp norm: the solvers stop at a relative residual of
+    about 1e-13, this puts the output on the sphere to rounding (a second-order change)."""
+    norm = _scaled_norm(z, p)
+    return z / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def _general_prepare(
@@ -386,10 +398,10 @@ def _general_p_unit(a: Tensor, norm_p: Tensor, p: float, ball: bool) -> tuple[Te
 
         lo = torch.zeros_like(hi)
         nu = _safeguarded_newton(multiplier_equation, lo, hi, lo.clone(), increasing=True)
-        z[rows] = _shrink_coordinates(ao, nu, p)
+        z[rows] = _unit(_shrink_coordinates(ao, nu, p), p)
     if not ball and bool(inside.any()):
         rows = inside.squeeze(-1)
-        z[rows] = _general_p_push_out(a[rows], p)
+        z[rows] = _unit(_general_p_push_out(a[rows], p), p)
     return z, outside if ball else outside | inside
 
 
