@@ -91,6 +91,12 @@ WELSCH_T_MAX = 64.0
 PSEUDO_HUBER_T_MAX = 1e18
 
 
+def _pseudo_huber_terms(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``t / sqrt(1 + t²)`` and ``(1 + t²)^(-1/2)`` without NaN where ``t²`` overflows."""
+    r = torch.rsqrt(1 + t * t)
+    return torch.where(r > 0, t * r, torch.sign(t)), r
+
+
 def row_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Row minimum, maximum and sum in one pass; each ``(M, 1)``."""
     return (
@@ -107,9 +113,8 @@ def shortest_window(s: Tensor, k: int) -> Tensor:
 
 def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Σ φ'(u − x_i) and Σ φ''(u − x_i) for the pseudo-Huber penalty; each ``(M, 1)``."""
-    t = ((u - x) / a).clamp(-PSEUDO_HUBER_T_MAX, PSEUDO_HUBER_T_MAX)
-    r = torch.rsqrt(1 + t * t)
-    return a * (t * r).sum(-1, keepdim=True), (r * r * r).sum(-1, keepdim=True)
+    q, r = _pseudo_huber_terms((u - x) / a)
+    return a * q.sum(-1, keepdim=True), (r * r * r).sum(-1, keepdim=True)
 
 
 def huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,15 +141,13 @@ def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
 
 def pseudo_huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Σ w_i and Σ t_i³ w_i with ``w_i = (1 + t_i²)^(-3/2)``; each ``(M, 1)``."""
-    t = ((y - x) / a).clamp(-PSEUDO_HUBER_T_MAX, PSEUDO_HUBER_T_MAX)
-    r = torch.rsqrt(1 + t * t)
-    tr = t * r  # t³ w = (t r)³, bounded by 1
-    return (r * r * r).sum(-1, keepdim=True), (tr * tr * tr).sum(-1, keepdim=True)
+    q, r = _pseudo_huber_terms((y - x) / a)  # t³ w = (t r)³ = q³, bounded by 1
+    return (r * r * r).sum(-1, keepdim=True), (q * q * q).sum(-1, keepdim=True)
 
 
 def pseudo_huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
     """``scale · (1 + t_i²)^(-3/2)``, shape ``(M, n)``."""
-    t = ((y - x) / a).clamp(-PSEUDO_HUBER_T_MAX, PSEUDO_HUBER_T_MAX)
+    t = (y - x) / a
     r = torch.rsqrt(1 + t * t)
     return scale * (r * r * r)
 

@@ -129,7 +129,11 @@ def _bracketed_newton(
     A Newton step that leaves the bracket, or has no curvature, is replaced by bisection.
     A row stops when its step is at most ``rtol · (|u| + α)`` and it has taken ``polish``
     more steps (one extra Newton step after ``rtol = sqrt(eps)`` reaches machine precision).
+    A bisection step counts as small only once the bracket is at machine precision: when
+    ``α`` is below the resolution of ``x`` (far outliers everywhere) Newton has no
+    curvature to work with and the root is found by bisection alone.
     """
+    eps4 = 4 * _finfo(x).eps
 
     def update(
         x: Tensor, a: Tensor, state: tuple[Tensor, ...]
@@ -141,7 +145,10 @@ def _bracketed_newton(
         u_new = torch.where(g == 0, u, u - g / h)
         inside = (u_new >= lo) & (u_new <= hi)
         u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
-        return (u_new, lo, hi), (u_new - u).abs()
+        step = (u_new - u).abs()
+        tight = (hi - lo) <= eps4 * (u_new.abs() + a)
+        step = torch.where(inside | tight, step, math.inf)
+        return (u_new, lo, hi), step
 
     return _iterate_rows(update, x, a, (u, lo, hi), rtol, max_iter, polish)
 
@@ -159,13 +166,15 @@ def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> 
 
     When the minimisers form an interval (no inlier within ``α`` of it, Table 1's
     "non-isolated solutions"), the midpoint of the interval is returned: ``(x_j + x_k)/2``
-    for the nearest points ``x_j`` below and ``x_k`` above it.
+    for the nearest points ``x_j`` below and ``x_k`` above it. When there is no inlier but
+    the gradient does not vanish, the root is within ``α`` of a data point that ``α`` is
+    too small to resolve (``α`` below the spacing of floats there): that point is returned.
     """
     sums = kernel("huber_sums", x)
     lo, hi, total = stats
     u = (total / x.shape[-1]).clamp(lo, hi)
     u = _bracketed_newton(sums, x, a, u, lo, hi, 4 * _finfo(x).eps, 200, 0)
-    _, inliers = sums(x, u, a)  # type: ignore[misc]
+    g, inliers = sums(x, u, a)  # type: ignore[misc]
     flat = (inliers == 0) & torch.isfinite(u)
     if bool(flat.any()):
         idx = flat.squeeze(-1).nonzero().squeeze(-1)
@@ -173,7 +182,9 @@ def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> 
         below = torch.where(xs <= us - ar, xs, -math.inf).amax(-1, keepdim=True)
         above = torch.where(xs >= us + ar, xs, math.inf).amin(-1, keepdim=True)
         mid = 0.5 * (below + above)
-        u[idx] = torch.where(torch.isfinite(mid), mid, us)
+        nearest = xs.gather(-1, (xs - us).abs().argmin(-1, keepdim=True))
+        interval = (g[idx] == 0) & torch.isfinite(mid)
+        u[idx] = torch.where(interval, mid, nearest)
     return u
 
 
@@ -546,19 +557,24 @@ def _generic_descent(
 
     The step is Newton's where ``Σφ'' > 0`` and a quarter of the data range against the
     gradient otherwise; it is halved until the objective does not increase. Stops when every
-    row's step is below ``4 eps (|u| + α)``.
+    row's step is below ``4 eps (|u| + α)``. The objective must be finite (for a penalty
+    growing like ``α²``, ``α`` below ~1e154 in float64).
     """
     f = _generic_objective(pen, x, u, a)
     tol = 4 * _finfo(x).eps
+    local = math.sqrt(_finfo(x).eps)
     for _ in range(_GENERIC_ITERS):
         g, h = _derivatives(pen, u - x, a)
         g, h = g.sum(-1, keepdim=True), h.sum(-1, keepdim=True)
         step = torch.where(h > 0, -g / h, -torch.sign(g) * 0.25 * (hi - lo))
         step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        # Newton steps below sqrt(eps) (|u| + α) change the objective by less than its
+        # rounding error: they are taken without the objective test (quadratic convergence).
+        small = (h > 0) & (step.abs() <= local * (u.abs() + a))
         for _ in range(_GENERIC_HALVINGS):
             u_new = torch.minimum(torch.maximum(u + step, lo), hi)
             f_new = _generic_objective(pen, x, u_new, a)
-            ok = ~(f_new > f)
+            ok = ~(f_new > f) | small
             if bool(ok.all()):
                 break
             step = torch.where(ok, step, 0.5 * step)
