@@ -115,10 +115,13 @@ def _linf_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
         return y
     # Sphere from inside: push the largest magnitude (the first one on ties) out to ±r,
     # with sign(0) = +1. On CPU the rows are checked first so that the common case
-    # (every row on or outside the sphere) costs one extra reduction only.
-    # max |x| as max(max x, −min x): two read-only passes, cheaper than writing |x|.
-    peak = torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg())
-    inside = peak < r
+    # (every row on or outside the sphere) costs one extra reduction only: a row whose
+    # maximum reaches r is not inside, and only when some row's maximum is below r is the
+    # minimum taken too (max |x| = max(max x, −min x): read-only passes, no |x| written).
+    top = x.amax(dim=dim, keepdim=True)
+    if x.device.type == "cpu" and not bool((top < r).any()):
+        return y
+    inside = torch.maximum(top, x.amin(dim=dim, keepdim=True).neg()) < r
     if x.device.type == "cpu" and not bool(inside.any()):
         return y
     index = x.abs().argmax(dim=dim, keepdim=True)
