@@ -18,6 +18,7 @@ and uses the eager kernels from then on; compilation is never required.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -87,14 +88,18 @@ def _want_compiled(x: Tensor) -> bool:
 # |t| beyond which exp(−t²/2) is 0 in float64 (and float32): clamping t there changes no
 # Welsch term and keeps t² and (1 − t²)·e finite for far outliers (−inf · 0 would be NaN).
 WELSCH_T_MAX = 64.0
-# |t| beyond which t / sqrt(1 + t²) is ±1 to float64 precision, while t² stays finite.
-PSEUDO_HUBER_T_MAX = 1e18
+# Pseudo-Huber: t is clamped at sqrt(max)/2 of its dtype, where t / sqrt(1 + t²) is ±1 to
+# the dtype's precision, t² is still finite and (1 + t²)^(-3/2) underflows to 0 as it should.
+PSEUDO_HUBER_T_MAX = 1e18  # a bound valid in both float32 and float64 (for rescaled rows)
 
 
 def _pseudo_huber_terms(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``t / sqrt(1 + t²)`` and ``(1 + t²)^(-1/2)`` without NaN where ``t²`` overflows."""
+    """``t / sqrt(1 + t²)`` and ``(1 + t²)^(-1/2)``, with t clamped (in place) where ``t²``
+    would overflow."""
+    bound = math.sqrt(torch.finfo(t.dtype).max) / 2
+    t = t.clamp_(-bound, bound)
     r = torch.rsqrt(1 + t * t)
-    return torch.where(r > 0, t * r, torch.sign(t)), r
+    return t * r, r
 
 
 def row_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +135,7 @@ def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
 
     These are ``α Σφ'``, ``α² Σφ''`` and ``α² Σ weight`` (so ``n − Σ e_i`` is the objective).
     """
-    t = ((u - x) / a).clamp(-WELSCH_T_MAX, WELSCH_T_MAX)
+    t = ((u - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     e = torch.exp(-0.5 * t * t)
     return (
         (t * e).sum(-1, keepdim=True),
@@ -156,7 +161,7 @@ def welsch_backward_sums(
     x: Tensor, y: Tensor, a: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """With ``e_i = exp(−t_i²/2)``: Σ(1−t²)e, Σ|1−t²|e, Σ e, Σ t(t²−2)e, Σ t³e; each (M, 1)."""
-    t = ((y - x) / a).clamp(-WELSCH_T_MAX, WELSCH_T_MAX)
+    t = ((y - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
     e = torch.exp(-0.5 * t2)
     c = (1 - t2) * e
@@ -173,7 +178,7 @@ def welsch_backward_grad(
     x: Tensor, y: Tensor, a: Tensor, scale_newton: Tensor, scale_shift: Tensor
 ) -> Tensor:
     """``scale_newton · (1 − t²) e + scale_shift · e``, shape ``(M, n)``."""
-    t = ((y - x) / a).clamp(-WELSCH_T_MAX, WELSCH_T_MAX)
+    t = ((y - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
     e = torch.exp(-0.5 * t2)
     return (scale_newton * (1 - t2) + scale_shift) * e
