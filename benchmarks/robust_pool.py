@@ -9,10 +9,14 @@ A second table gives the Welsch miss rate on harder synthetic data.
     OMP_NUM_THREADS=1 python benchmarks/robust_pool.py
     python benchmarks/robust_pool.py --device cuda
     python benchmarks/robust_pool.py --compile never        # eager kernels only
+    python benchmarks/robust_pool.py --compile auto         # compiled kernels only
 
 Max pooling is ``torch.max(x, dim)`` (values and indices, as PointNet does); ``amax`` is
-shown too. Times are medians of ``--repeats`` runs after one warm-up run (the warm-up
-includes any ``torch.compile`` time, reported separately).
+shown too. Times are medians of ``--repeats`` interleaved rounds (each round runs every
+layer once) after one warm-up run (the warm-up includes any ``torch.compile`` time,
+reported separately). By default one table with compiled kernels (``auto``) and one with
+eager kernels (``never``) are printed, the ratios of each against max pooling in the same
+table.
 """
 
 from __future__ import annotations
@@ -48,23 +52,33 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def measure(
-    pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int, device: str
-) -> tuple[float, float, float]:
-    """(warm-up seconds, median forward seconds, median backward seconds)."""
+def measure_interleaved(
+    pools: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, repeats: int, device: str
+) -> list[tuple[float, float, float]]:
+    """(warm-up seconds, median forward seconds, median backward seconds) per pool.
+
+    The repeats are interleaved (every pool runs once per round), so that a slower or
+    faster period of a shared machine affects all pools alike.
+    """
     xg = x.detach().clone().requires_grad_()
     v = torch.ones(x.shape[:-1], device=x.device, dtype=x.dtype)
 
-    def once() -> tuple[float, float]:
+    def once(pool: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
         xg.grad = None
         out: list[torch.Tensor] = []
         fwd = timed(lambda: out.append(pool(xg)), device)
         bwd = timed(lambda: out[0].backward(v), device)
         return fwd, bwd
 
-    warm = sum(once())
-    runs = [once() for _ in range(repeats)]
-    return warm, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    warm = [sum(once(pool)) for pool in pools]
+    runs: list[list[tuple[float, float]]] = [[] for _ in pools]
+    for _ in range(repeats):
+        for i, pool in enumerate(pools):
+            runs[i].append(once(pool))
+    return [
+        (w, statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        for w, rs in zip(warm, runs)
+    ]
 
 
 def grid_minimum(pen: declnet.Penalty, x: torch.Tensor, points: int = 2001) -> torch.Tensor:
@@ -131,7 +145,12 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("B", "C", "N"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--compile", default="auto", choices=("auto", "always", "never"))
+    parser.add_argument(
+        "--compile",
+        default="both",
+        choices=("both", "auto", "always", "never"),
+        help="compile mode of the kernels; 'both' prints an 'auto' and a 'never' table",
+    )
     parser.add_argument(
         "--check-rows", type=int, default=256, help="channels checked against the dense grid"
     )
@@ -142,7 +161,7 @@ def main() -> None:
         help="rows per synthetic data set for the Welsch miss rate",
     )
     args = parser.parse_args()
-    set_compile_mode(args.compile)
+    modes = ("auto", "never") if args.compile == "both" else (args.compile,)
     device = args.device
     shape = tuple(args.shape or ((24, 1024, 2048) if device == "cuda" else (8, 1024, 1024)))
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +172,10 @@ def main() -> None:
         f"torch {torch.__version__}, declnet {declnet.__version__}, device {device}, "
         f"threads {torch.get_num_threads()}, compile {args.compile}"
     )
-    print(f"shape (B, C, N) = {shape}, float32, alpha = {a}, median of {args.repeats} runs\n")
+    print(
+        f"shape (B, C, N) = {shape}, float32, alpha = {a}, "
+        f"median of {args.repeats} interleaved runs\n"
+    )
 
     layers: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], object]] = [
         ("max pool (torch.max)", lambda t: torch.max(t, -1).values, None),
@@ -168,28 +190,32 @@ def main() -> None:
             TruncatedQuadratic(a),
         ),
     ]
-    results = []
-    for name, pool, pen in layers:
-        warm, fwd, bwd = measure(pool, x, args.repeats, device)
-        frac = ""
-        if pen is not None:
-            rows = x.reshape(-1, shape[-1])[: args.check_rows]
-            with torch.no_grad():
-                y = pool(rows)
-            frac = f"{at_global_minimum(pen, rows, y):.4f}"
-        results.append((name, warm, fwd, bwd, frac))
-    base_f, base_b = results[0][2], results[0][3]
-    header = (
-        f"{'layer':<22}{'fwd ms':>9}{'bwd ms':>9}{'fwd/max':>9}{'bwd/max':>9}"
-        f"{'warm-up s':>11}{'at global min':>15}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, warm, fwd, bwd, frac in results:
-        print(
-            f"{name:<22}{fwd * 1e3:>9.1f}{bwd * 1e3:>9.1f}{fwd / base_f:>9.1f}"
-            f"{bwd / base_b:>9.1f}{warm:>11.1f}{frac:>15}"
+    for mode in modes:
+        set_compile_mode(mode)
+        print(f"compile mode {mode!r}")
+        timings = measure_interleaved([pool for _, pool, _ in layers], x, args.repeats, device)
+        results = []
+        for (name, pool, pen), (warm, fwd, bwd) in zip(layers, timings):
+            frac = ""
+            if pen is not None:
+                rows = x.reshape(-1, shape[-1])[: args.check_rows]
+                with torch.no_grad():
+                    y = pool(rows)
+                frac = f"{at_global_minimum(pen, rows, y):.4f}"
+            results.append((name, warm, fwd, bwd, frac))
+        base_f, base_b = results[0][2], results[0][3]
+        header = (
+            f"{'layer':<22}{'fwd ms':>9}{'bwd ms':>9}{'fwd/max':>9}{'bwd/max':>9}"
+            f"{'warm-up s':>11}{'at global min':>15}"
         )
+        print(header)
+        print("-" * len(header))
+        for name, warm, fwd, bwd, frac in results:
+            print(
+                f"{name:<22}{fwd * 1e3:>9.1f}{bwd * 1e3:>9.1f}{fwd / base_f:>9.1f}"
+                f"{bwd / base_b:>9.1f}{warm:>11.1f}{frac:>15}"
+            )
+        print()
 
     print(
         f"\nWelsch (alpha = 1) at the global minimum, {args.miss_rows} rows per data set, "

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from declnet import DeclarativeWarning
 from declnet.layers import PseudoHuber, compile_mode, robust_pool, set_compile_mode
 
 
@@ -55,7 +56,7 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch):
         set_compile_mode("never")
         expected = robust_pool(x, PseudoHuber(0.7))
         set_compile_mode("always")
-        with pytest.warns(RuntimeWarning, match="using eager PyTorch from now on"):
+        with pytest.warns(DeclarativeWarning, match="using eager PyTorch from now on"):
             got = robust_pool(x, PseudoHuber(0.7))
     finally:
         set_compile_mode(previous)

@@ -18,12 +18,15 @@ and uses the eager kernels from then on; compilation is never required.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .._diagnostics import DeclarativeWarning
 
 __all__ = ["compile_mode", "kernel", "set_compile_mode"]
 
@@ -60,7 +63,7 @@ def compile_mode() -> str:
         if mode not in _MODES:
             warnings.warn(
                 f"DECLNET_COMPILE={env!r} is not one of {_MODES} (or 0/1); using 'auto'.",
-                RuntimeWarning,
+                DeclarativeWarning,
                 stacklevel=3,
             )
             mode = "auto"
@@ -82,6 +85,22 @@ def _want_compiled(x: Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 # The kernels. t = (u - x) / a throughout.
 
+# |t| beyond which exp(−t²/2) is 0 in float64 (and float32): clamping t there changes no
+# Welsch term and keeps t² and (1 − t²)·e finite for far outliers (−inf · 0 would be NaN).
+WELSCH_T_MAX = 64.0
+# Pseudo-Huber: t is clamped at sqrt(max)/2 of its dtype, where t / sqrt(1 + t²) is ±1 to
+# the dtype's precision, t² is still finite and (1 + t²)^(-3/2) underflows to 0 as it should.
+PSEUDO_HUBER_T_MAX = 1e18  # a bound valid in both float32 and float64 (for rescaled rows)
+
+
+def _pseudo_huber_terms(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``t / sqrt(1 + t²)`` and ``(1 + t²)^(-1/2)``, with t clamped (in place) where ``t²``
+    would overflow."""
+    bound = math.sqrt(torch.finfo(t.dtype).max) / 2
+    t = t.clamp_(-bound, bound)
+    r = torch.rsqrt(1 + t * t)
+    return t * r, r
+
 
 def row_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Row minimum, maximum and sum in one pass; each ``(M, 1)``."""
@@ -99,10 +118,8 @@ def shortest_window(s: Tensor, k: int) -> Tensor:
 
 def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Σ φ'(u − x_i) and Σ φ''(u − x_i) for the pseudo-Huber penalty; each ``(M, 1)``."""
-    z = u - x
-    t = z / a
-    r = torch.rsqrt(1 + t * t)
-    return (z * r).sum(-1, keepdim=True), (r * r * r).sum(-1, keepdim=True)
+    q, r = _pseudo_huber_terms((u - x) / a)
+    return a * q.sum(-1, keepdim=True), (r * r * r).sum(-1, keepdim=True)
 
 
 def huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,7 +135,7 @@ def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
 
     These are ``α Σφ'``, ``α² Σφ''`` and ``α² Σ weight`` (so ``n − Σ e_i`` is the objective).
     """
-    t = (u - x) / a
+    t = ((u - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     e = torch.exp(-0.5 * t * t)
     return (
         (t * e).sum(-1, keepdim=True),
@@ -129,10 +146,8 @@ def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
 
 def pseudo_huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Σ w_i and Σ t_i³ w_i with ``w_i = (1 + t_i²)^(-3/2)``; each ``(M, 1)``."""
-    t = (y - x) / a
-    r = torch.rsqrt(1 + t * t)
-    w = r * r * r
-    return w.sum(-1, keepdim=True), (t * t * t * w).sum(-1, keepdim=True)
+    q, r = _pseudo_huber_terms((y - x) / a)  # t³ w = (t r)³ = q³, bounded by 1
+    return (r * r * r).sum(-1, keepdim=True), (q * q * q).sum(-1, keepdim=True)
 
 
 def pseudo_huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
@@ -146,7 +161,7 @@ def welsch_backward_sums(
     x: Tensor, y: Tensor, a: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """With ``e_i = exp(−t_i²/2)``: Σ(1−t²)e, Σ|1−t²|e, Σ e, Σ t(t²−2)e, Σ t³e; each (M, 1)."""
-    t = (y - x) / a
+    t = ((y - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
     e = torch.exp(-0.5 * t2)
     c = (1 - t2) * e
@@ -163,7 +178,7 @@ def welsch_backward_grad(
     x: Tensor, y: Tensor, a: Tensor, scale_newton: Tensor, scale_shift: Tensor
 ) -> Tensor:
     """``scale_newton · (1 − t²) e + scale_shift · e``, shape ``(M, n)``."""
-    t = (y - x) / a
+    t = ((y - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
     e = torch.exp(-0.5 * t2)
     return (scale_newton * (1 - t2) + scale_shift) * e
@@ -184,16 +199,16 @@ def window_sums(x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(m, x, 0.0).sum(-1, keepdim=True), m.to(x.dtype).sum(-1, keepdim=True)
 
 
-def truncated_prefix_sums(s: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
-    """Prefix sums of ``d = s − centre`` and ``d²`` in float64; each ``(M, n)``."""
-    d = s.to(torch.float64) - centre.to(torch.float64)
+def truncated_prefix_sums(s: Tensor, ref: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Prefix sums of ``d = (s − ref) / α`` and ``d²`` in float64; each ``(M, n)``."""
+    d = (s.to(torch.float64) - ref.to(torch.float64)) / a.to(torch.float64)
     return d.cumsum(-1), (d * d).cumsum(-1)
 
 
 def truncated_window_costs(
-    p1: Tensor, p2: Tensor, bounds: Tensor, a2: Tensor, exits: bool
+    p1: Tensor, p2: Tensor, bounds: Tensor, exits: bool
 ) -> tuple[Tensor, Tensor]:
-    """Best window cost ``SSE + α² (n − size)`` and its index among n windows; ``(M, 1)`` each.
+    """Best window cost ``(SSE + α² (n − size)) / α²`` and its index among n windows; ``(M, 1)``.
 
     ``p1``, ``p2`` are inclusive prefix sums ``(M, n)``; window k is ``[k+1, bounds_k)`` when
     ``exits`` and ``[bounds_k, k+1)`` otherwise (0-based, end exclusive).
@@ -208,7 +223,7 @@ def truncated_window_costs(
     else:
         s1, s2, size = p1 - at1, p2 - at2, k1 - bounds
     size_f = size.to(p1.dtype)
-    cost = (s2 - s1 * s1 / size_f).clamp_min(0) + a2 * (n - size_f)
+    cost = (s2 - s1 * s1 / size_f).clamp_min(0) + (n - size_f)
     cost = torch.where(size > 0, cost, torch.inf)
     best, index = cost.min(-1, keepdim=True)
     return best, index
@@ -308,7 +323,7 @@ def kernel(name: str, x: Tensor) -> Callable[..., object]:
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                 "using eager PyTorch from now on (same results, slower). "
                 "Call declnet.layers.set_compile_mode('never') to silence this.",
-                RuntimeWarning,
+                DeclarativeWarning,
                 stacklevel=2,
             )
             return _in_blocks(eager)(*args)
