@@ -321,7 +321,7 @@ def test_broken_lu_is_caught_by_the_residual_check(monkeypatch):
     builds, m ≥ 200, 2 threads). The engine checks every dense solve's residual."""
     from declnet import _linalg
 
-    def broken_lu(matrix, rhs, rcond=None):
+    def broken_lu(matrix, rhs, tol=None, scale=None):
         x, ok = torch.linalg.solve(matrix, rhs), torch.ones(matrix.shape[0], dtype=torch.bool)
         x[0] += 1.0  # a silently wrong answer for sample 0
         return x, ok

@@ -200,6 +200,9 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
         if prob.c == 0:
             w = hf.solve(rhs)
             ok = hf.ok
+        elif not bool(hf.ok.any()):  # H indefinite everywhere: straight to LU
+            w = torch.zeros_like(rhs)
+            ok = hf.ok
         else:
             w, ok_s, S, _ = _schur(prob, hf.solve, rhs)
             ok = hf.ok & ok_s
@@ -213,14 +216,16 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
             K = _kkt_matrix(H, A, dvec)
         if bool(bad.any()):
             Kb, rb = K[bad], rhs[bad]
-            w_lu, ok_lu = _linalg.solve_lu(Kb, rb, tol)
-            ok_lu = ok_lu & _linalg.residual_ok(Kb, w_lu, rb, scale=_linalg.equilibrate(Kb))
+            kscale = _linalg.equilibrate(Kb)
+            w_lu, ok_lu = _linalg.solve_lu(Kb, rb, tol, kscale)
+            ok_lu = ok_lu & _linalg.residual_ok(Kb, w_lu, rb, scale=kscale)
             w = _replace(w, bad, w_lu)
             ok = ok.clone()
             ok[bad] = ok_lu
     else:  # "lu"
-        w, ok = _linalg.solve_lu(K, rhs, tol)
-        ok = ok & _linalg.residual_ok(K, w, rhs, scale=_linalg.equilibrate(K))
+        kscale = _linalg.equilibrate(K)
+        w, ok = _linalg.solve_lu(K, rhs, tol, kscale)
+        ok = ok & _linalg.residual_ok(K, w, rhs, scale=kscale)
     bad = ~ok & ~dependent
     if prob.c and allow_drop and bool(bad.any()):
         # A singular KKT matrix: dependent constraints are dropped by the caller, the rest

@@ -193,13 +193,14 @@ def solve_cholesky(matrix: Tensor, rhs: Tensor, tol: float) -> tuple[Tensor, Ten
     return x, f.ok & torch.isfinite(x).flatten(1).all(-1)
 
 
-def solve_lu(matrix: Tensor, rhs: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+def solve_lu(matrix: Tensor, rhs: Tensor, tol: float,
+             scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Solve square systems ``matrix @ x = rhs`` (equilibrated LU); ``(x, ok)``.
 
     The caller must still check the residual (batched LU has returned wrong answers
-    silently in some BLAS builds).
+    silently in some BLAS builds); ``scale`` is the equilibration, if already known.
     """
-    f = lu_factor(matrix, tol)
+    f = lu_factor(matrix, tol, scale)
     x = f.solve(rhs)
     return x, f.ok & torch.isfinite(x).flatten(1).all(-1)
 
