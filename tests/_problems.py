@@ -89,3 +89,30 @@ def transport_vjp_closed_form(P, v, gamma):
     alpha, beta = ab[:, :n], ab[:, n:]
     w = gamma * P * (v - alpha.unsqueeze(-1) - beta.unsqueeze(-2))
     return -w
+
+
+class TopEigenvector(declnet.EqualityConstrainedNode):
+    """``y = argmin −yᵀXy`` s.t. ``‖y‖² = 1``: the top eigenvector. The Hessian of the
+    Lagrangian, ``2(λ₁I − X)``, is singular along ``y`` while the KKT system is regular."""
+
+    def __init__(self, declare: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.declare = declare
+
+    def objective(self, X, *, y):
+        return -(y * (X @ y.unsqueeze(-1)).squeeze(-1)).sum(-1)
+
+    def equality_constraints(self, X, *, y):
+        return (y * y).sum(-1, keepdim=True) - 1.0
+
+    def solve(self, X):
+        evals, evecs = torch.linalg.eigh(X)
+        y = evecs[..., -1]
+        y = y * torch.sign(y[:, :1])
+        return declnet.Solution(y, multipliers=-evals[..., -1:])
+
+    def hessian(self, X, *, y, multipliers):
+        if not self.declare:
+            return None
+        lam1 = -multipliers[:, :1, None]
+        return 2.0 * (lam1 * torch.eye(X.shape[-1], dtype=X.dtype) - X)

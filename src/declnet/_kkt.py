@@ -209,11 +209,22 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
             # H positive definite but S singular: the used constraint rows are dependent.
             dependent = hf.ok & ~ok_s
             metric = S
-        # Cholesky is backward stable: its solves need no residual check. Where H is not
-        # positive definite, LU on the whole (scaled) KKT matrix, checked by its residual.
-        bad = ~ok & ~dependent
-        if prob.c and (bool(bad.any()) or bool(dependent.any())):
+        if prob.c:
+            # Cholesky of H is backward stable, but eliminating through H is not when H is
+            # nearly singular along a constraint normal (a regular KKT system around a
+            # singular Hessian, as for an eigenvector on the sphere): the whole KKT system's
+            # scaled residual decides, and LU of it takes over where the check fails.
             K = _kkt_matrix(H, A, dvec)
+            checked = ok & ~dependent
+            if bool(checked.any()):
+                idx = checked.nonzero().flatten()
+                res_ok = _linalg.residual_ok(K[idx], w[idx], rhs[idx],
+                                             scale=_linalg.equilibrate(K[idx]))
+                ok = ok.clone()
+                ok[idx] = res_ok
+        # Where H is not positive definite (or the check failed), LU on the whole scaled
+        # KKT matrix, checked by its residual.
+        bad = ~ok & ~dependent
         if bool(bad.any()):
             Kb, rb = K[bad], rhs[bad]
             kscale = _linalg.equilibrate(Kb)
