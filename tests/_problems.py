@@ -95,9 +95,11 @@ class TopEigenvector(declnet.EqualityConstrainedNode):
     """``y = argmin −yᵀXy`` s.t. ``‖y‖² = 1``: the top eigenvector. The Hessian of the
     Lagrangian, ``2(λ₁I − X)``, is singular along ``y`` while the KKT system is regular."""
 
-    def __init__(self, declare: bool = False, **kwargs) -> None:
+    def __init__(self, declare: bool = False, give_multipliers: bool = False,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.declare = declare
+        self.give_multipliers = give_multipliers
 
     def objective(self, X, *, y):
         return -(y * (X @ y.unsqueeze(-1)).squeeze(-1)).sum(-1)
@@ -109,6 +111,8 @@ class TopEigenvector(declnet.EqualityConstrainedNode):
         evals, evecs = torch.linalg.eigh(X)
         y = evecs[..., -1]
         y = y * torch.sign(y[:, :1])
+        if not self.give_multipliers:
+            return y  # multipliers by least squares (eq. 25)
         return declnet.Solution(y, multipliers=-evals[..., -1:])
 
     def hessian(self, X, *, y, multipliers):

@@ -232,21 +232,24 @@ def test_jacobi_preconditioned_cg_converges_with_a_declared_diagonal():
     torch.testing.assert_close(g, node.closed_form_vjp(x, v), atol=1e-10, rtol=1e-7)
 
 
+@pytest.mark.parametrize("given", [False, True])
 @pytest.mark.parametrize("declare", [False, True])
 @pytest.mark.parametrize("solver", ["auto", "cholesky", "lu"])
-def test_regular_kkt_around_a_singular_hessian(declare, solver):
+def test_regular_kkt_around_a_singular_hessian(declare, solver, given):
     """Regression: the top eigenvector (H = 2(λ₁I − X) singular along y, KKT regular) was
-    ~2% wrong by the Schur complement; the KKT residual check now hands it to LU."""
+    2.2% wrong by the Schur complement; the KKT residual check now hands it to LU."""
     from _problems import TopEigenvector
 
-    n = 10
-    G = rand(4, n, n, seed=11)
-    X = 0.5 * (G + G.transpose(1, 2))
-    v = rand(4, n, seed=12)
+    B, n = 8, 10
+    q, _ = torch.linalg.qr(rand(B, n, n, seed=11))
+    values = torch.linspace(1.0, float(n), n, dtype=F64)
+    X = q @ torch.diag_embed(values.expand(B, n)) @ q.transpose(1, 2)
+    v = rand(B, n, seed=12)
     Xg = X.clone().requires_grad_(True)
     top = torch.linalg.eigh(Xg)[1][..., -1]
     (ref,) = torch.autograd.grad(top * torch.sign(top[:, :1].detach()), Xg, v)
-    node = TopEigenvector(declare, backward=declnet.ImplicitBackward(linear_solver=solver))
+    node = TopEigenvector(declare, given,
+                          backward=declnet.ImplicitBackward(linear_solver=solver))
     with warnings.catch_warnings():
         warnings.simplefilter("error", declnet.DeclarativeWarning)
         g = grad_of(node, [X], v)
