@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,3 +40,13 @@ def test_example_runs_and_checks_itself(path: Path, capsys: pytest.CaptureFixtur
         warnings.simplefilter("ignore")
         module.main(fast=True)
     assert "ok:" in capsys.readouterr().out
+
+
+def test_command_line_fast_flag():
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    script = ROOT / "tutorials" / "01_simple_worked_example.py"
+    done = subprocess.run([sys.executable, str(script), "--fast"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ok: gradcheck against finite differences" in done.stdout
