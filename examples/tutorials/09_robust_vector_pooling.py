@@ -49,7 +49,7 @@ def main(fast: bool = False) -> None:
         (grad,) = torch.autograd.grad(penalty.phi(residuals).sum(), u)
         check(grad.abs().max() < 1e-6, f"{name}: the gradient of the objective vanishes at y")
 
-    small = x[..., ::2].clone().requires_grad_()
+    small = x[:2, :3, :: 2 if fast else 10].clone().requires_grad_()  # gradcheck is O(size²)
     for penalty in (PseudoHuber(), Welsch()):
         check(torch.autograd.gradcheck(lambda z, p=penalty: robust_vector_pool(z, p), (small,)),
               f"{type(penalty).__name__}: gradient vs finite differences")
