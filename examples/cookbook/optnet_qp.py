@@ -38,7 +38,7 @@ def random_qp(batch: int, n: int, q: int, p: int) -> tuple[torch.Tensor, ...]:
 def main(fast: bool = False) -> None:
     """Check the QP layer and learn a constraint offset."""
     torch.manual_seed(0)
-    batch, n, q, p = (2, 4, 5, 1) if fast else (8, 10, 12, 2)
+    batch, n, q, p = (2, 4, 5, 1) if fast else (4, 6, 8, 2)
     args = [t.requires_grad_() for t in random_qp(batch, n, q, p)]
     _, _, G, h, A, b = args
     y = quadratic_program(*args)
@@ -51,12 +51,12 @@ def main(fast: bool = False) -> None:
           "gradients for Q, p, G, h, A, b vs finite differences")
 
     # Learn h: a layer with the right Q, p, G but unknown offsets fits a hidden layer's outputs.
-    n_train = 16 if fast else 64
+    n_train = 16 if fast else 32
     Q0, _, G0, h_true, _, _ = (t[0].detach() for t in random_qp(1, n, q, p))
     x = 2 * torch.randn(n_train, n, dtype=torch.float64)  # the inputs are the linear terms
     target = quadratic_program(Q0, x, G0, h_true)
     log_h = torch.full((q,), -0.5, dtype=torch.float64, requires_grad=True)  # h = exp(θ) > 0
-    optimiser = torch.optim.LBFGS([log_h], max_iter=25 if fast else 100,
+    optimiser = torch.optim.LBFGS([log_h], max_iter=25 if fast else 50,
                                   line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
