@@ -59,7 +59,7 @@ def main(fast: bool = False) -> None:
     check(torch.allclose(generic.jacobian(z), expected, atol=1e-5),
           "and so does its implicit Jacobian")
 
-    classes, dim, samples = (4, 6, 200) if fast else (10, 20, 2000)
+    classes, dim, samples = (4, 6, 200) if fast else (6, 20, 1000)
     means = 3 * torch.randn(classes, dim)
     labels = torch.randint(classes, (samples,))
     x = means[labels] + torch.randn(samples, dim)
