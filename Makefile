@@ -8,10 +8,18 @@ PIP := $(PYTHON) -m pip --disable-pip-version-check
 .PHONY: help torch install install-test install-apps test lint demo bench docs clean
 
 help:
-	@echo "make demo   - run the point-cloud robust-pooling experiment (demo preset)"
-	@echo "make test   - lint (ruff) and run the test suite (pytest)"
-	@echo "make bench  - print the benchmark tables"
-	@echo "make docs   - build the documentation site into build/site"
+	@echo "make help         - this list"
+	@echo "make torch        - install torch ($(TORCH)) if it is missing"
+	@echo "make install      - torch, then declnet (pip install -e .)"
+	@echo "make install-test - torch, then declnet with the [test] extra"
+	@echo "make install-apps - torch, then declnet with the [apps] extra"
+	@echo "make lint         - ruff on src, tests, benchmarks and examples"
+	@echo "make test         - lint, then the test suite (pytest), tutorials and cookbook included"
+	@echo "make demo         - run the point-cloud robust-pooling experiment (demo preset)"
+	@echo "make demo-image   - run the image experiment (ResNet-18 with Lp projections, digits)"
+	@echo "make bench        - print the benchmark tables"
+	@echo "make docs         - build the documentation site, API reference included, into build/site (--strict)"
+	@echo "make clean        - remove build outputs and caches"
 
 torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
