@@ -101,3 +101,29 @@ def test_torch_func_grad_is_a_clear_error():
     node = dt.UnitSphereProjection()
     with pytest.raises(RuntimeError, match=r"torch\.func"):
         torch.func.grad(lambda z: node(z.unsqueeze(0)).sum())(rand(4))
+
+
+@pytest.mark.slow
+def test_torch_compile_model_with_a_node():
+    """A compiled model runs the node eagerly between its graphs: compiled = eager, and a
+    second call with the same shapes does not recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    node = dt.UnitSphereProjection()
+    lin = torch.nn.Linear(4, 4).double()
+
+    def model(x):
+        return node(torch.tanh(lin(x))).square().sum(-1)
+
+    compiled = torch.compile(model, backend="eager")
+    x = rand(3, 4)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    g_compiled = lin.weight.grad.clone()
+    lin.weight.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(g_compiled, lin.weight.grad)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(rand(3, 4, seed=1))

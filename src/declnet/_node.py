@@ -370,4 +370,12 @@ def declarative(node: Any, *xs: Any) -> Tensor:
         raise TypeError(
             f"declarative() expects a declnet.DeclarativeNode, got {type(node).__name__}."
         )
+    return _run(node, xs)
+
+
+@torch.compiler.disable
+def _run(node: DeclarativeNode, xs: tuple[Any, ...]) -> Tensor:
+    """Solve and attach the backward. ``torch.compile`` does not trace into it: a user's
+    ``solve`` is arbitrary Python with data-dependent control flow, so a compiled model
+    runs the node eagerly between its compiled graphs."""
     return check_mode(node).apply(node, xs)
