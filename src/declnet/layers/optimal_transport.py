@@ -249,7 +249,8 @@ class OptimalTransport(nn.Module):
     Args:
         gamma: the inverse temperature ``γ > 0``.
         learnable: make ``γ`` an ``nn.Parameter``.
-        tol, max_iter: Sinkhorn's stopping test and iteration cap.
+        tol: Sinkhorn's stopping test.
+        max_iter: Sinkhorn's iteration cap.
     """
 
     def __init__(

@@ -221,7 +221,9 @@ class QuadraticProgram(nn.Module):
     """``nn.Module`` form of :func:`quadratic_program`; ``forward(Q, p, G, h, A, b)``.
 
     Args:
-        tol, max_iter, strict: see :func:`quadratic_program`.
+        tol: see :func:`quadratic_program`.
+        max_iter: see :func:`quadratic_program`.
+        strict: see :func:`quadratic_program`.
 
     Attributes:
         info: after each forward pass, per-sample ``converged``, ``iterations``,

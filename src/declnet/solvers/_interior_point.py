@@ -207,7 +207,9 @@ class SQP(_PrimalDual):
     ``converged``, ``iterations`` and ``residual`` (the worst scaled KKT residual).
 
     Args:
-        tol, max_iter (default 100), strict: see :class:`~declnet.solvers.Solver`.
+        tol: convergence tolerance (see :class:`~declnet.solvers.Solver`).
+        max_iter: iteration limit (default 100).
+        strict: raise instead of warning when a sample does not converge.
     """
 
     def solve(self, node: Any, *xs: Any, y0: Tensor | None = None) -> Solution:
@@ -242,7 +244,9 @@ class InteriorPoint(_PrimalDual):
     dense linear algebra.
 
     Args:
-        tol, max_iter (default 100), strict: see :class:`~declnet.solvers.Solver`.
+        tol: convergence tolerance (see :class:`~declnet.solvers.Solver`).
+        max_iter: iteration limit (default 100).
+        strict: raise instead of warning when a sample does not converge.
         mu0: initial barrier parameter (default 0.1).
         kappa: barrier-subproblem accuracy factor (default 10).
     """

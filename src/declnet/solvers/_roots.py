@@ -95,7 +95,9 @@ class Broyden(Solver):
     converged when ``‖F‖_∞ ≤ tol · (1 + ‖F(y₀)‖_∞)``.
 
     Args:
-        tol, max_iter (default 100), strict: see :class:`~declnet.solvers.Solver`.
+        tol: convergence tolerance (see :class:`~declnet.solvers.Solver`).
+        max_iter: iteration limit (default 100).
+        strict: raise instead of warning when a sample does not converge.
     """
 
     max_iter: int = 100
