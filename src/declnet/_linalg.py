@@ -111,6 +111,19 @@ def equilibrate(matrix: Tensor, iterations: int = 6) -> Tensor:
     return s
 
 
+def _jacobi_scale(matrix: Tensor) -> Tensor:
+    """Scaling for a (hoped) positive definite matrix: ``1/sqrt(diag)`` rounded to powers of
+    two, near-optimal for SPD matrices (van der Sluis) and one pass; Ruiz's iteration
+    (:func:`equilibrate`) where a diagonal entry is not positive."""
+    d = matrix.diagonal(dim1=-2, dim2=-1)
+    if d.is_complex():
+        d = d.real
+    good = (d > 0) & torch.isfinite(d)
+    if not bool(good.all()):
+        return equilibrate(matrix)
+    return torch.exp2(torch.round(-0.5 * torch.log2(d)))
+
+
 class Factor:
     """A batch of factorised (scaled) matrices: ``solve`` applies the inverse.
 
@@ -153,7 +166,7 @@ def cholesky_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> 
         A :class:`Factor`; ``ok`` False where the matrix is not (numerically) positive
         definite after scaling.
     """
-    s = equilibrate(matrix) if scale is None else scale
+    s = _jacobi_scale(matrix) if scale is None else scale
     scaled = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
     factor, info = torch.linalg.cholesky_ex(scaled)
     diag = factor.diagonal(dim1=-2, dim2=-1).abs()
