@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ._diagnostics import check_batched, node_name, warn
 from ._solution import Solution
+from .solvers import Anderson, default_solver
 
 __all__ = ["FixedPointNode", "RootNode", "gmres"]
 
@@ -222,8 +223,6 @@ class RootNode(nn.Module):
 
     def default_solver(self, *xs: Any) -> Any:
         """The solver used when none was given: Newton for ``m ≤ 256``, else Broyden."""
-        from .solvers import default_solver
-
         return default_solver(self, *xs)
 
     def solve(self, *xs: Any) -> Tensor | Solution:
@@ -347,6 +346,4 @@ class FixedPointNode(RootNode):
 
     def default_solver(self, *xs: Any) -> Any:
         """Anderson acceleration."""
-        from .solvers import Anderson
-
         return Anderson()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._node import DeclarativeNode, declarative
 from . import _pool_solvers as pool_solvers
 from . import _vector_pool_solvers as vector_solvers
 from ._checks import DimLike, check_floating, normalise_dims, pool_alpha
@@ -88,22 +89,28 @@ class _RobustPoolFunction(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None
 
 
+class _PenaltyPoolNode(DeclarativeNode):
+    """``y = argmin_u Σ_i φ(u − x_i; α)`` per row, α passed as an input ``(M, 1)``, for a
+    penalty without a closed-form backward."""
+
+    def __init__(self, pen: Penalty) -> None:
+        super().__init__()
+        # Not a submodule: α enters as an input, so the penalty's own parameters are not
+        # the node's.
+        object.__setattr__(self, "_pen", pen)
+
+    def objective(self, x: Tensor, a: Tensor, *, y: Tensor) -> Tensor:
+        return self._pen.phi(y - x, a).sum(-1)
+
+    def solve(self, x: Tensor, a: Tensor) -> Tensor:
+        return pool_solvers.generic_solve(self._pen, x, a)
+
+
 def _engine_pool(pen: Penalty, x: Tensor, alpha: Tensor) -> Tensor:
     """Pool rows ``x (M, n)`` with a penalty that has no closed-form backward: the generic
     solver forward, the generic implicit-differentiation engine backward (Prop. 4.4)."""
-    import declnet  # the engine; imported here because declnet imports this package
-
-    class PenaltyPoolNode(declnet.DeclarativeNode):
-        """``y = argmin_u Σ_i φ(u − x_i; α)`` per row, α passed as an input ``(M, 1)``."""
-
-        def objective(self, x: Tensor, a: Tensor, *, y: Tensor) -> Tensor:
-            return pen.phi(y - x, a).sum(-1)
-
-        def solve(self, x: Tensor, a: Tensor) -> Tensor:
-            return pool_solvers.generic_solve(pen, x, a)
-
     rows = alpha.expand(x.shape[0], 1) if alpha.dim() == 0 else alpha
-    return declnet.declarative(PenaltyPoolNode(), x, rows)
+    return declarative(_PenaltyPoolNode(pen), x, rows)
 
 
 def robust_pool(
