@@ -221,7 +221,8 @@ def transport(B: int, m: int, dtype: torch.dtype, device: str) -> Methods:
 
 class QP(declnet.InequalityConstrainedNode):
     """``y = argmin ½ yᵀQy + pᵀy`` s.t. ``G y ≤ h``; the instances are built with a known
-    solution and multipliers, and ``Q`` is declared as the Hessian."""
+    solution and multipliers; ``Q`` is declared as the Hessian and ``G`` as the constraint
+    Jacobian."""
 
     def __init__(self, Q, y_star, lam, declare: bool, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -232,6 +233,9 @@ class QP(declnet.InequalityConstrainedNode):
 
     def inequality_constraints(self, p, G, h, *, y):
         return (G @ y.unsqueeze(-1)).squeeze(-1) - h
+
+    def constraint_jacobian(self, p, G, h, *, y):
+        return G if self.declare else None
 
     def solve(self, p, G, h):
         return _solution(self.y_star, multipliers=self.lam,

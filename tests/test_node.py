@@ -128,3 +128,40 @@ def test_rtol_default_matches_its_docstring():
     opts = declnet.ImplicitBackward()
     assert opts.rtol_for(F64) == pytest.approx(torch.finfo(F64).eps ** 0.5)
     assert "1.5e-8" in declnet.ImplicitBackward.__doc__
+
+
+class HalfspaceProjection(declnet.InequalityConstrainedNode):
+    """``y = argmin ½‖u − x‖²`` s.t. ``aᵀu ≤ b``; optionally declares ``A = aᵀ``."""
+
+    def __init__(self, declare=None, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("a", torch.tensor([1.0, -2.0, 0.5], dtype=F64))
+        self.declare = declare
+
+    def objective(self, x, *, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, *, y):
+        return (y @ self.a).unsqueeze(-1) - 0.3
+
+    def solve(self, x):
+        excess = (x @ self.a - 0.3).clamp_min(0)
+        return x - (excess / self.a.square().sum()).unsqueeze(-1) * self.a
+
+    def constraint_jacobian(self, x, *, y):
+        if self.declare == "wrong":
+            return self.a.expand(y.shape[0], 3)
+        return None if self.declare is None else self.a.expand(y.shape[0], 1, 3)
+
+
+def test_declared_constraint_jacobian_is_used_and_checked():
+    x = 2 * rand(4, 3)
+    v = rand(4, 3, seed=1)
+    grads = []
+    for declare in (None, "yes"):
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(HalfspaceProjection(declare)(xg), xg, v)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(ValueError, match="constraint_jacobian must return a tensor of shape"):
+        HalfspaceProjection("wrong")(x.clone().requires_grad_(True)).sum().backward()

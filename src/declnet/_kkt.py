@@ -59,6 +59,36 @@ def _kkt_matrix(H: Tensor, A: Tensor, dvec: Tensor) -> Tensor:
     return torch.cat([top, bottom], 1)
 
 
+def _kkt_residual_ok(H: Tensor, A: Tensor, dvec: Tensor, w: Tensor, rhs: Tensor,
+                     s: Tensor) -> Tensor:
+    """The scaled residual test of :func:`~declnet._linalg.residual_ok` for the KKT system
+    ``[[H, Aᵀ], [A, D]] w = rhs``, by blocks (the KKT matrix is not formed).
+
+    ``s`` scales the ``y`` rows (the Cholesky scaling of ``H``); each constraint row gets
+    ``t_i = 1 / max_j |A_ij s_j|`` (a power of two), so the test is invariant to the scale
+    of the variables and of the constraints.
+    """
+    m = H.shape[-1]
+    w1, w2, v, z = w[:, :m], w[:, m:], rhs[:, :m], rhs[:, m:]
+    As = A * s.unsqueeze(-2)
+    rows = As.abs().amax(-1)
+    rows = torch.where(rows > 0, rows, torch.ones_like(rows)) + dvec
+    t = torch.exp2(torch.round(-torch.log2(rows)))
+    r1 = s.unsqueeze(-1) * (H @ w1 + A.transpose(1, 2) @ w2 - v)
+    r2 = t.unsqueeze(-1) * (A @ w1 + dvec.unsqueeze(-1) * w2 - z)
+    res = (r1.square().sum((1, 2)) + r2.square().sum((1, 2))).sqrt()
+    Hs = s.unsqueeze(-1) * H * s.unsqueeze(-2)
+    Ats = As * t.unsqueeze(-1)
+    knorm = (Hs.square().sum((1, 2)) + 2 * Ats.square().sum((1, 2))
+             + (dvec * t * t).square().sum(-1)).sqrt()
+    xnorm = ((w1 / s.unsqueeze(-1)).square().sum((1, 2))
+             + (w2 / t.unsqueeze(-1)).square().sum((1, 2))).sqrt()
+    bnorm = ((s.unsqueeze(-1) * v).square().sum((1, 2))
+             + (t.unsqueeze(-1) * z).square().sum((1, 2))).sqrt()
+    tol = torch.finfo(H.dtype).eps ** 0.5
+    return torch.isfinite(res) & (res <= tol * (knorm * xnorm + bnorm))
+
+
 def _replace(x: Tensor, mask: Tensor, values: Tensor) -> Tensor:
     out = x.clone()
     out[mask] = values
@@ -214,17 +244,14 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
             # nearly singular along a constraint normal (a regular KKT system around a
             # singular Hessian, as for an eigenvector on the sphere): the whole KKT system's
             # scaled residual decides, and LU of it takes over where the check fails.
-            K = _kkt_matrix(H, A, dvec)
             checked = ok & ~dependent
             if bool(checked.any()):
-                idx = checked.nonzero().flatten()
-                res_ok = _linalg.residual_ok(K[idx], w[idx], rhs[idx],
-                                             scale=_linalg.equilibrate(K[idx]))
-                ok = ok.clone()
-                ok[idx] = res_ok
+                ok = ok & _kkt_residual_ok(H, A, dvec, w, rhs, hf.scale)
         # Where H is not positive definite (or the check failed), LU on the whole scaled
         # KKT matrix, checked by its residual.
         bad = ~ok & ~dependent
+        if prob.c and (bool(bad.any()) or bool(dependent.any())):
+            K = _kkt_matrix(H, A, dvec)
         if bool(bad.any()):
             Kb, rb = K[bad], rhs[bad]
             kscale = _linalg.equilibrate(Kb)

@@ -44,7 +44,9 @@ class DeclarativeNode(nn.Module):
     ``y`` — a dense ``(B, m, m)`` tensor or a :class:`~declnet.LinearOperator` (e.g.
     :class:`~declnet.DiagonalOperator`), or None to declare nothing — and the backward pass
     chooses its solver from that structure (``docs/concepts.md``); ``Solution.hessian``
-    from ``solve`` does the same and wins.
+    from ``solve`` does the same and wins. Constrained nodes may likewise return the
+    constraint Jacobian ``D_Y h̃`` ``(B, p + q, m)`` (equalities first) from
+    ``constraint_jacobian(*xs, y)``.
 
     Calling the node solves and returns a differentiable ``y``; its backward pass solves
     one linear system per sample (the Hessian of the objective, or the KKT matrix for

@@ -116,7 +116,9 @@ class Problem:
         if self.linear:
             self.A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
         else:
-            self.A_full = self._constraint_jacobian()
+            self.A_full = self._declared_constraint_jacobian()
+            if self.A_full is None:
+                self.A_full = self._constraint_jacobian()
         self.active = self._active_set(solution)
         self.dropped = torch.zeros_like(self.active)
         self._apply_mask()
@@ -167,6 +169,28 @@ class Problem:
         if jac is None:
             return self.y_flat.new_zeros(self.batch, self.c, self.m)
         return jac.transpose(0, 1)
+
+    def _declared_constraint_jacobian(self) -> Tensor | None:
+        """``A`` from the node's optional ``constraint_jacobian(*xs, y)`` (``(B, p + q, m)``,
+        equalities first), which saves ``p + q`` vectorised backward passes; None when the
+        node declares none (or in graph mode, where ``A`` must be differentiable)."""
+        method = getattr(self.node, "constraint_jacobian", None)
+        if self.c == 0 or self.graph or method is None or not callable(method):
+            return None
+        xs = [x.detach() if isinstance(x, Tensor) else x for x in self.xs_d]
+        with torch.no_grad():
+            value = method(*xs, y=self.y_in.detach())
+        if value is None:
+            return None
+        expected = (self.batch, self.c, self.m)
+        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+            raise ValueError(
+                f"{node_name(self.node)}.constraint_jacobian must return a tensor of shape "
+                f"{expected} (B, p + q, m: equality rows first, then inequality rows, y "
+                f"flattened), got "
+                f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}."
+            )
+        return value.to(device=self.device, dtype=self.dtype)
 
     def _active_set(self, solution: Any) -> Tensor:
         """``(B, c)`` mask: equalities always, inequalities where ``g ≥ −tol``."""
