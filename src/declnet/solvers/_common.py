@@ -19,7 +19,13 @@ from torch import Tensor
 from .._diagnostics import DeclarativeWarning, check_batched, node_name
 from .._solution import Solution
 
-__all__ = ["ConvergenceError", "Evaluator", "Solver", "default_tol"]
+__all__ = [
+    "ConvergenceError",
+    "Evaluator",
+    "Solver",
+    "default_tol",
+    "iteration_state",
+]
 
 
 class ConvergenceError(RuntimeError):
@@ -221,3 +227,17 @@ def backtrack(merit: Any, y: Tensor, d: Tensor, phi0: Tensor, slope: Tensor,
 def solution(y: Tensor, shape: tuple[int, ...], **kwargs: Any) -> Solution:
     """A :class:`Solution` with ``y`` reshaped to ``(B, *shape)``."""
     return Solution(y.reshape(y.shape[0], *shape), **kwargs)
+
+
+def iteration_state(y: Tensor, first: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample bookkeeping of a batched iteration on ``y`` ``(B, m)``.
+
+    Returns:
+        ``(active, converged, iterations, residual)``: every sample active, none converged,
+        ``first`` iterations counted, residuals ``inf``.
+    """
+    B = y.shape[0]
+    active = torch.ones(B, dtype=torch.bool, device=y.device)
+    iters = torch.full((B,), first, dtype=torch.long, device=y.device)
+    res = torch.full((B,), float("inf"), dtype=y.dtype, device=y.device)
+    return active, torch.zeros_like(active), iters, res

@@ -18,7 +18,15 @@ from torch import Tensor
 
 from .._diagnostics import node_name
 from .._solution import Solution
-from ._common import Evaluator, Solver, backtrack, batched_jacobian, hessian_of, solution
+from ._common import (
+    Evaluator,
+    Solver,
+    backtrack,
+    batched_jacobian,
+    hessian_of,
+    iteration_state,
+    solution,
+)
 
 __all__ = ["SQP", "InteriorPoint"]
 
@@ -101,10 +109,7 @@ class _PrimalDual(Solver):
         mu = torch.full((B,), self.mu0, dtype=y.dtype, device=y.device)
         z = mu.unsqueeze(-1) / s
         nu = y.new_zeros(B, p)
-        active = torch.ones(B, dtype=torch.bool, device=y.device)
-        converged = torch.zeros_like(active)
-        iters = torch.zeros(B, dtype=torch.long, device=y.device)
-        res = torch.full((B,), float("inf"), dtype=y.dtype, device=y.device)
+        active, converged, iters, res = iteration_state(y)
         H_out = y.new_zeros(B, m, m)
         scale = None
         for it in range(self.max_iter + 1):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._solution import Solution
-from ._common import Evaluator, Solver, backtrack, hessian_of, solution
+from ._common import Evaluator, Solver, backtrack, hessian_of, iteration_state, solution
 
 __all__ = ["LBFGS", "Newton", "modified_newton_step"]
 
@@ -74,10 +74,7 @@ class Newton(Solver):
         m = y.shape[1]
         ev = Evaluator(node, xs, shape)
         tol = self.tolerance(y.dtype)
-        active = torch.ones(B, dtype=torch.bool, device=y.device)
-        converged = torch.zeros_like(active)
-        iters = torch.zeros(B, dtype=torch.long, device=y.device)
-        res = torch.full((B,), float("inf"), dtype=y.dtype, device=y.device)
+        active, converged, iters, res = iteration_state(y)
         H_out = y.new_zeros(B, m, m)
         scale = None
         for it in range(self.max_iter + 1):
@@ -155,9 +152,7 @@ class LBFGS(Solver):
         Yd = y.new_zeros(B, k, m)
         rho = y.new_zeros(B, k)
         gamma = 1.0 / scale
-        active = torch.ones(B, dtype=torch.bool, device=y.device)
-        converged = torch.zeros_like(active)
-        iters = torch.zeros(B, dtype=torch.long, device=y.device)
+        active, converged, iters, _ = iteration_state(y, 0)
         res = g.abs().amax(-1)
         eps = float(torch.finfo(y.dtype).eps) ** 0.5
         pos = 0

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._diagnostics import node_name
 from .._solution import Solution
-from ._common import Evaluator, Solver, backtrack, batched_jacobian, solution
+from ._common import Evaluator, Solver, backtrack, batched_jacobian, iteration_state, solution
 
 __all__ = ["Anderson", "Broyden", "newton_root"]
 
@@ -48,10 +48,7 @@ def newton_root(solver: Solver, node: Any, xs: tuple[Any, ...], y0: Tensor | Non
     y = y0.reshape(B, -1).clone()
     ev = Evaluator(node, xs, shape)
     tol = solver.tolerance(y.dtype)
-    active = torch.ones(B, dtype=torch.bool, device=y.device)
-    converged = torch.zeros_like(active)
-    iters = torch.zeros(B, dtype=torch.long, device=y.device)
-    res = torch.full((B,), float("inf"), dtype=y.dtype, device=y.device)
+    active, converged, iters, res = iteration_state(y)
     scale = None
     for it in range(solver.max_iter + 1):
         idx = active.nonzero().flatten()
@@ -118,9 +115,7 @@ class Broyden(Solver):
             Jinv[bad] = torch.linalg.pinv(J[bad])
         scale = 1.0 + F.abs().amax(-1)
         res = F.abs().amax(-1)
-        active = torch.ones(B, dtype=torch.bool, device=y.device)
-        converged = torch.zeros_like(active)
-        iters = torch.zeros(B, dtype=torch.long, device=y.device)
+        active, converged, iters, _ = iteration_state(y, 0)
         for _ in range(self.max_iter):
             done = active & (res <= tol * scale)
             converged |= done
@@ -206,9 +201,7 @@ class Anderson(Solver):
         Ys[:, 0], Gs[:, 0] = y, g
         res = (g - y).abs().amax(-1)
         y = g.clone()  # one plain step
-        active = torch.ones(B, dtype=torch.bool, device=y.device)
-        converged = torch.zeros_like(active)
-        iters = torch.ones(B, dtype=torch.long, device=y.device)
+        active, converged, iters, _ = iteration_state(y, 1)
         for it in range(1, self.max_iter):
             idx = active.nonzero().flatten()
             if idx.numel() == 0:
