@@ -60,33 +60,37 @@ def _kkt_matrix(H: Tensor, A: Tensor, dvec: Tensor) -> Tensor:
 
 
 def _kkt_residual_ok(H: Tensor, A: Tensor, dvec: Tensor, w: Tensor, rhs: Tensor,
-                     s: Tensor) -> Tensor:
+                     s: Tensor, Hs: Tensor | None = None) -> Tensor:
     """The scaled residual test of :func:`~declnet._linalg.residual_ok` for the KKT system
     ``[[H, Aᵀ], [A, D]] w = rhs``, by blocks (the KKT matrix is not formed).
 
-    ``s`` scales the ``y`` rows (the Cholesky scaling of ``H``); each constraint row gets
-    ``t_i = 1 / max_j |A_ij s_j|`` (a power of two), so the test is invariant to the scale
-    of the variables and of the constraints.
+    ``s`` scales the ``y`` rows (the Cholesky scaling of ``H``, ``Hs = diag(s) H diag(s)``
+    when already formed); each constraint row gets ``t_i = 1 / max_j |A_ij s_j|`` (a power
+    of two), so the test is invariant to the scale of the variables and of the constraints.
     """
     m = H.shape[-1]
-    w1, w2, v, z = w[:, :m], w[:, m:], rhs[:, :m], rhs[:, m:]
+    if Hs is None:
+        Hs = s.unsqueeze(-1) * H * s.unsqueeze(-2)
     As = A * s.unsqueeze(-2)
     rows = As.abs().amax(-1)
-    rows = torch.where(rows > 0, rows, torch.ones_like(rows)) + dvec
-    t = torch.exp2(torch.round(-torch.log2(rows)))
-    r1 = s.unsqueeze(-1) * (H @ w1 + A.transpose(1, 2) @ w2 - v)
-    r2 = t.unsqueeze(-1) * (A @ w1 + dvec.unsqueeze(-1) * w2 - z)
-    res = (r1.square().sum((1, 2)) + r2.square().sum((1, 2))).sqrt()
-    Hs = s.unsqueeze(-1) * H * s.unsqueeze(-2)
+    t = torch.exp2(torch.round(-torch.log2(torch.where(rows > 0, rows, 1.0) + dvec)))
     Ats = As * t.unsqueeze(-1)
-    knorm = (Hs.square().sum((1, 2)) + 2 * Ats.square().sum((1, 2))
-             + (dvec * t * t).square().sum(-1)).sqrt()
-    xnorm = ((w1 / s.unsqueeze(-1)).square().sum((1, 2))
-             + (w2 / t.unsqueeze(-1)).square().sum((1, 2))).sqrt()
-    bnorm = ((s.unsqueeze(-1) * v).square().sum((1, 2))
-             + (t.unsqueeze(-1) * z).square().sum((1, 2))).sqrt()
+    st = torch.cat([s, t], 1).unsqueeze(-1)
+    u = w / st  # the solution and the right-hand side in scaled variables
+    b = st * rhs
+    u1, u2 = u[:, :m], u[:, m:]
+    dtt = dvec * t * t
+    r = torch.cat([torch.baddbmm(Hs @ u1, Ats.transpose(1, 2), u2),
+                   torch.baddbmm(dtt.unsqueeze(-1) * u2, Ats, u1)], 1) - b
+
+    def norm(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())))
+
+    knorm = torch.linalg.vector_norm(
+        torch.stack([norm(Hs), norm(Ats) * 2**0.5, norm(dtt)], -1), dim=-1)
+    res = norm(r)
     tol = torch.finfo(H.dtype).eps ** 0.5
-    return torch.isfinite(res) & (res <= tol * (knorm * xnorm + bnorm))
+    return torch.isfinite(res) & (res <= tol * (knorm * norm(u) + norm(b)))
 
 
 def _replace(x: Tensor, mask: Tensor, values: Tensor) -> Tensor:
@@ -135,7 +139,7 @@ def dense_hessian(prob: Problem, op: LinearOperator | None) -> Tensor | None:
             return None
         blocks.append(rows)
     H = torch.cat(blocks, 0).transpose(0, 1).to(cd)
-    H = 0.5 * (H + H.transpose(1, 2))
+    H = (H + H.transpose(1, 2)).mul_(0.5)
     if prob.options.damping:
         H = H + prob.options.damping * _eye(m, H)
     return H
@@ -153,10 +157,61 @@ _JVP_SCHUR_ROWS = 48
 _JVP_SCHUR_WORK = 2**18
 
 
+# The matrix-free Schur complement is assembled in blocks of rows of about this many
+# bytes each (small enough to be reused by the allocator rather than paged in anew).
+_SCHUR_BLOCK_BYTES = 8 * 2**20
+
+
+def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | None = None,
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """The Schur-complement solve without forming ``A`` (``c × m`` per sample).
+
+    ``S = A H⁻¹ Aᵀ`` is assembled column block by column block: ``Aᵀ E`` by one vectorised
+    backward through the constraints, ``H⁻¹`` by the declared solve, ``A (·)`` by
+    Jacobian-vector products; ``A H⁻¹ v`` and ``Aᵀ w₂`` likewise. Memory is that of a
+    block, not of ``A``; for constraints such as a transport plan's marginals the cost is
+    ``O(c m)`` instead of ``O(c² m)``. ``inv_diag`` ``(B, m)``: ``H⁻¹`` when ``H`` is
+    diagonal (applied to the blocks in place). Returns ``(w, ok, S)``.
+    """
+    m, c, B = prob.m, prob.c, prob.batch
+    cd = rhs.dtype
+    v, z = rhs[:, :m], rhs[:, m:]
+    hv = hsolve(v)  # (B, m, K)
+    itemsize = torch.finfo(prob.dtype).bits // 8
+    block = int(max(1, min(c, _SCHUR_BLOCK_BYTES // max(1, B * m * itemsize),
+                           prob.options.memory_budget // max(1, 4 * B * m * itemsize))))
+    eye = _eye(c, hv).to(prob.dtype)
+    cols = []
+    for start in range(0, c, block):  # blocks only bound memory
+        E = eye[start:start + block].unsqueeze(1).expand(-1, B, c)
+        at = prob.constraint_vjp(E)  # (k, B, m): rows of A
+        if inv_diag is not None:
+            hat = at / inv_diag
+        else:
+            hat = hsolve(at.permute(1, 2, 0).to(cd)).permute(2, 0, 1)
+        cols.append(prob.constraint_jvp(hat.to(prob.dtype)))
+    S = torch.cat(cols, 0).permute(1, 2, 0).to(cd)  # (B, c, c)
+    S = S + torch.diag_embed(prob.inactive_diagonal.to(cd))
+    S = 0.5 * (S + S.transpose(1, 2))
+    sf = _linalg.cholesky_factor(S, _tol(prob))
+    ahv = prob.constraint_jvp(hv.permute(2, 0, 1).to(prob.dtype)).permute(1, 2, 0).to(cd)
+    w2 = sf.solve(ahv - z)  # (B, c, K)
+    atw = prob.constraint_vjp(w2.permute(2, 0, 1).to(prob.dtype)).permute(1, 2, 0).to(cd)
+    w1 = hv - hsolve(atw)
+    w = torch.cat([w1, w2], 1)
+    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    return w, ok, S
+
+
 def _schur(prob: Problem, hsolve, rhs: Tensor, structured: bool = False,
-           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Solve by the Schur complement given ``hsolve = H⁻¹ ·``; returns ``(w, ok_s, S, H⁻¹A)``."""
+           inv_diag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Solve by the Schur complement given ``hsolve = H⁻¹ ·``; returns ``(w, ok_s, S, H⁻¹A)``
+    (``H⁻¹A`` None on the matrix-free path)."""
     m, c = prob.m, prob.c
+    if (structured and not prob.linear and not prob.A_formed and c >= _JVP_SCHUR_ROWS
+            and c * m >= _JVP_SCHUR_WORK):
+        w, ok, S = _schur_matrix_free(prob, hsolve, rhs, inv_diag)
+        return w, ok, S, None
     A = prob.A_solve.to(rhs.dtype)
     dvec = prob.inactive_diagonal.to(rhs.dtype)
     v, z = rhs[:, :m], rhs[:, m:]
@@ -168,14 +223,47 @@ def _schur(prob: Problem, hsolve, rhs: Tensor, structured: bool = False,
         S = cols.permute(1, 2, 0).to(rhs.dtype)
     else:
         S = A @ hat
+    w, ok, S = _schur_finish(A, dvec, S, hv, hat, z, _tol(prob))
+    return w, ok, S, hat
+
+
+def _schur_finish(A: Tensor, dvec: Tensor, S: Tensor, hv: Tensor, hat: Tensor, z: Tensor,
+                  tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``w`` from ``S = A H⁻¹ Aᵀ``, ``hv = H⁻¹ v`` and ``hat = H⁻¹ Aᵀ``: ``(w, ok, S + D)``."""
     S = S + torch.diag_embed(dvec)
     S = 0.5 * (S + S.transpose(1, 2))
-    sf = _linalg.cholesky_factor(S, _tol(prob))
+    sf = _linalg.cholesky_factor(S, tol)
     w2 = sf.solve(A @ hv - z)
     w1 = hv - hat @ w2
     w = torch.cat([w1, w2], 1)
     ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
-    return w, ok, S, hat
+    return w, ok, S
+
+
+def _augment(H: Tensor, A: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``H + Aᵀ diag(ρ) A``, the right-hand side ``[v + Aᵀρz; z]`` of the same system and
+    the scaling ``s`` that equilibrates both.
+
+    For any ``ρ`` the system ``[[H + AᵀρA, Aᵀ], [A, D]] w = [v + Aᵀρz; z]`` has the
+    solution of the original one (used rows have ``D = 0``, unused rows ``A = 0``), and the
+    augmented Hessian is positive definite wherever the reduced Hessian is, also where ``H``
+    itself is singular (an eigenvector on the sphere: ``H = 2(λ₁I − X)`` vanishes along
+    ``y``): Cholesky and the Schur complement then apply to every strict minimum.
+    ``ρᵢ = 1 / ‖(A diag(s))ᵢ‖²`` with ``s`` the Jacobi scaling of ``H`` puts each added
+    term on the scale of the scaled ``H`` (whose diagonal is then between 1 and ``1 + c``,
+    so ``s`` serves the augmented matrix too).
+    """
+    m = H.shape[-1]
+    s = _linalg._jacobi_scale(H)
+    As = A * s.unsqueeze(-2)
+    norms = torch.linalg.vector_norm(As, dim=-1).square()
+    positive = norms > 0  # (the inner where keeps the double backward finite)
+    rho = torch.where(positive, torch.where(positive, norms, 1.0).reciprocal(), 0.0)
+    rA = rho.unsqueeze(-1) * A
+    # Not symmetrised: Cholesky reads the lower triangle only.
+    Haug = torch.baddbmm(H, A.transpose(1, 2), rA)
+    v, z = rhs[:, :m], rhs[:, m:]
+    return Haug, torch.cat([v + rA.transpose(1, 2) @ z, z], 1), s
 
 
 def _gram_dependent(prob: Problem, rows: Tensor) -> Tensor:
@@ -226,29 +314,33 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
     dependent = no.clone()
     metric = None
     if method == "cholesky":
-        hf = _linalg.cholesky_factor(H, tol)
         if prob.c == 0:
+            hf = _linalg.cholesky_factor(H, tol)
             w = hf.solve(rhs)
             ok = hf.ok
-        elif not bool(hf.ok.any()):  # H indefinite everywhere: straight to LU
-            w = torch.zeros_like(rhs)
-            ok = hf.ok
         else:
-            w, ok_s, S, _ = _schur(prob, hf.solve, rhs)
-            ok = hf.ok & ok_s
-            # H positive definite but S singular: the used constraint rows are dependent.
-            dependent = hf.ok & ~ok_s
-            metric = S
-        if prob.c:
-            # Cholesky of H is backward stable, but eliminating through H is not when H is
-            # nearly singular along a constraint normal (a regular KKT system around a
-            # singular Hessian, as for an eigenvector on the sphere): the whole KKT system's
-            # scaled residual decides, and LU of it takes over where the check fails.
+            Haug, rhs_aug, scale = _augment(H, A, rhs)
+            hf = _linalg.cholesky_factor(Haug, tol, scale)
+            if not bool(hf.ok.any()):  # indefinite everywhere: straight to LU
+                w = torch.zeros_like(rhs)
+                ok = hf.ok
+            else:
+                w, ok_s, S, _ = _schur(prob, hf.solve, rhs_aug)
+                ok = hf.ok & ok_s
+                # H + AᵀρA positive definite but S singular: the used rows are dependent.
+                dependent = hf.ok & ~ok_s
+                metric = S
+            # Cholesky is backward stable, but eliminating through the Hessian is not when
+            # it is nearly singular along a constraint normal: the scaled residual of the
+            # whole (augmented, equivalent) KKT system decides, and LU of the original one
+            # takes over where it fails.
             checked = ok & ~dependent
             if bool(checked.any()):
-                ok = ok & _kkt_residual_ok(H, A, dvec, w, rhs, hf.scale)
-        # Where H is not positive definite (or the check failed), LU on the whole scaled
-        # KKT matrix, checked by its residual.
+                ok = ok & _kkt_residual_ok(Haug, A, dvec, w, rhs_aug, hf.scale, hf.scaled)
+        if bool(ok.all()):
+            return KKTResult(w, no)
+        # Where the augmented H is not positive definite (or the check failed), LU on the
+        # whole scaled KKT matrix, checked by its residual.
         bad = ~ok & ~dependent
         if prob.c and (bool(bad.any()) or bool(dependent.any())):
             K = _kkt_matrix(H, A, dvec)
@@ -303,7 +395,10 @@ def _solve_structured(prob: Problem, op: LinearOperator, rhs: Tensor,
                 "non-singular at the solution (add damping, or declare it only where it is)."
             )
         return KKTResult(w, no)
-    w, ok, S, _ = _schur(prob, hsolve, rhs, structured=True)
+    inv_diag = None
+    if getattr(op, "is_diagonal", False):
+        inv_diag = op.diagonal().to(prob.dtype)
+    w, ok, S, _ = _schur(prob, hsolve, rhs, structured=True, inv_diag=inv_diag)
     dependent = ~ok
     if not allow_drop and bool(dependent.any()):
         # Dependent rows remain after dropping: the minimum-norm w₂ (pseudo-inverse of S).

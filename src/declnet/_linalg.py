@@ -118,10 +118,10 @@ def _jacobi_scale(matrix: Tensor) -> Tensor:
     d = matrix.diagonal(dim1=-2, dim2=-1)
     if d.is_complex():
         d = d.real
-    good = (d > 0) & torch.isfinite(d)
-    if not bool(good.all()):
+    log_d = torch.log2(d)  # NaN or ±inf where an entry is not positive and finite
+    if not bool(torch.isfinite(log_d).all()):
         return equilibrate(matrix)
-    return torch.exp2(torch.round(-0.5 * torch.log2(d)))
+    return torch.exp2(torch.round(-0.5 * log_d))
 
 
 class Factor:
@@ -130,13 +130,17 @@ class Factor:
     Attributes:
         ok: ``(B,)`` True where the factorisation succeeded and the scaled matrix is not
             numerically singular.
+        scale: ``(B, n)`` the symmetric scaling ``s`` (powers of two).
+        scaled: ``diag(s) M diag(s)``, the matrix that was factorised.
     """
 
-    def __init__(self, kind: str, data: tuple[Tensor, ...], scale: Tensor, ok: Tensor) -> None:
+    def __init__(self, kind: str, data: tuple[Tensor, ...], scale: Tensor, ok: Tensor,
+                 scaled: Tensor | None = None) -> None:
         self.kind = kind
         self.data = data
         self.scale = scale
         self.ok = ok
+        self.scaled = scaled
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``M⁻¹ rhs`` for ``rhs`` ``(B, n, K)`` (garbage, but finite, where not ``ok``)."""
@@ -149,8 +153,21 @@ class Factor:
 
 
 def _identity_where_bad(factor: Tensor, ok: Tensor) -> Tensor:
+    if bool(ok.all()):
+        return factor
     eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
     return torch.where(ok[:, None, None], factor, eye)
+
+
+def _pivots_ok(diag: Tensor, info: Tensor, tol: float, power: int) -> Tensor:
+    """``(B,)``: factorisation succeeded and ``(min/max |pivot|)^power > tol``."""
+    if not diag.shape[-1]:
+        return info == 0
+    lo, hi = torch.aminmax(diag, dim=-1)
+    # A NaN pivot makes the comparison False, an infinite one the ratio 0 or NaN; hi = 0
+    # (all pivots zero) gives NaN.
+    ratio = lo / hi
+    return (info == 0) & ((ratio * ratio if power == 2 else ratio) > tol)
 
 
 def cholesky_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> Factor:
@@ -170,12 +187,8 @@ def cholesky_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> 
     scaled = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
     factor, info = torch.linalg.cholesky_ex(scaled)
     diag = factor.diagonal(dim1=-2, dim2=-1).abs()
-    if diag.shape[-1]:
-        ratio = (diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(diag.dtype).tiny)) ** 2
-        ok = (info == 0) & (ratio > tol) & torch.isfinite(diag).all(-1)
-    else:
-        ok = info == 0
-    return Factor("cholesky", (_identity_where_bad(factor, ok),), s, ok)
+    ok = _pivots_ok(diag, info, tol, 2)
+    return Factor("cholesky", (_identity_where_bad(factor, ok),), s, ok, scaled)
 
 
 def lu_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> Factor:
@@ -190,13 +203,8 @@ def lu_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> Factor
     s = equilibrate(matrix) if scale is None else scale
     scaled = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
     lu, pivots, info = torch.linalg.lu_factor_ex(scaled)
-    diag = lu.diagonal(dim1=-2, dim2=-1).abs()
-    if diag.shape[-1]:
-        ratio = diag.amin(-1) / diag.amax(-1).clamp_min(torch.finfo(diag.dtype).tiny)
-        ok = (info == 0) & (ratio > tol) & torch.isfinite(diag).all(-1)
-    else:
-        ok = info == 0
-    return Factor("lu", (_identity_where_bad(lu, ok), pivots), s, ok)
+    ok = _pivots_ok(lu.diagonal(dim1=-2, dim2=-1).abs(), info, tol, 1)
+    return Factor("lu", (_identity_where_bad(lu, ok), pivots), s, ok, scaled)
 
 
 def solve_cholesky(matrix: Tensor, rhs: Tensor, tol: float) -> tuple[Tensor, Tensor]:

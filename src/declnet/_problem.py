@@ -113,16 +113,17 @@ class Problem:
                 self.gf = self._grad_l if self.graph else self._grad_l.detach()
             else:
                 self.gf = self._grad_y(self.f.sum(), create_graph=self.graph)
+        # A = D_Y h̃ is formed on first use: the matrix-free Schur path never needs it.
+        self._A_full: Tensor | None = None
         if self.linear:
-            self.A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
+            self._A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
         else:
-            self.A_full = self._declared_constraint_jacobian()
-            if self.A_full is None:
-                self.A_full = self._constraint_jacobian()
+            self._A_full = self._declared_constraint_jacobian()
         self.active = self._active_set(solution)
         self.dropped = torch.zeros_like(self.active)
         self._apply_mask()
         self._multipliers: Tensor | None = None
+        self._jvp_graph: tuple[Tensor, Tensor] | None = None
         self._given_multipliers = self._check_given_multipliers(solution)
 
     # -- evaluation helpers ------------------------------------------------------------------
@@ -219,8 +220,28 @@ class Problem:
         keeps the same shape; the KKT matrix has a 1 on their diagonal instead."""
         self.used = self.active & ~self.dropped
         self.all_used = bool(self.used.all())
-        self.A = self.A_full if self.all_used else \
-            self.A_full * self.used.unsqueeze(-1).to(self.dtype)
+        self._A: Tensor | None = None
+        self._inactive = (~self.used).to(self.dtype)
+
+    @property
+    def A_full(self) -> Tensor:
+        """``A = D_Y h̃`` ``(B, c, m)`` of every constraint row (formed on first use)."""
+        if self._A_full is None:
+            self._A_full = self._constraint_jacobian()
+        return self._A_full
+
+    @property
+    def A_formed(self) -> bool:
+        """Whether ``A`` is at hand (declared, fixed, or already formed)."""
+        return self._A_full is not None
+
+    @property
+    def A(self) -> Tensor:
+        """``A`` with the rows of unused constraints zeroed ``(B, c, m)``."""
+        if self._A is None:
+            A = self.A_full
+            self._A = A if self.all_used else A * self.used.unsqueeze(-1).to(self.dtype)
+        return self._A
 
     def _check_given_multipliers(self, solution: Any) -> Tensor | None:
         given = getattr(solution, "multipliers", None)
@@ -238,7 +259,7 @@ class Problem:
     @property
     def inactive_diagonal(self) -> Tensor:
         """``(B, c)`` 1 where a row is not used (inactive or dropped), else 0."""
-        return (~self.used).to(self.dtype)
+        return self._inactive
 
     @property
     def multipliers(self) -> Tensor:
@@ -346,15 +367,34 @@ class Problem:
         """
         if self.linear or not self.htil.requires_grad:
             return (self.A.unsqueeze(0) @ Z.unsqueeze(-1)).squeeze(-1)
-        with torch.enable_grad():
-            u = torch.zeros(self.batch, self.c, dtype=self.dtype, device=self.device,
-                            requires_grad=True)
-            (g,) = torch.autograd.grad(self.htil, self.y_flat, u, retain_graph=True,
-                                       create_graph=True)
-        (out,) = torch.autograd.grad(g, u, Z, is_grads_batched=True, allow_unused=True)
+        if self._jvp_graph is None:  # g(u) = Aᵀu with its graph, built once
+            with torch.enable_grad():
+                u = torch.zeros(self.batch, self.c, dtype=self.dtype, device=self.device,
+                                requires_grad=True)
+                (g,) = torch.autograd.grad(self.htil, self.y_flat, u, retain_graph=True,
+                                           create_graph=True)
+            self._jvp_graph = (u, g)
+        u, g = self._jvp_graph
+        (out,) = torch.autograd.grad(g, u, Z, is_grads_batched=True, allow_unused=True,
+                                     retain_graph=True)
         if out is None:
             return Z.new_zeros(Z.shape[0], self.batch, self.c)
         return out if self.all_used else out * self.used.to(self.dtype)
+
+    def constraint_vjp(self, W: Tensor) -> Tensor:
+        """``Aᵀ wₖ`` for ``K`` row weights ``W`` ``(K, B, c)`` -> ``(K, B, m)`` (used rows only).
+
+        One vectorised backward through the constraints when ``A`` has not been formed,
+        else a product with it.
+        """
+        if self.A_formed or not self.htil.requires_grad:
+            return (W.unsqueeze(-2) @ self.A_solve.unsqueeze(0)).squeeze(-2)
+        if not self.all_used:
+            W = W * self.used.to(W.dtype)
+        (out,) = torch.autograd.grad(self.htil, self.y_flat, W.to(self.dtype),
+                                     retain_graph=True, is_grads_batched=True,
+                                     allow_unused=True)
+        return W.new_zeros(W.shape[0], self.batch, self.m) if out is None else out
 
     def constraint_second_difference(self, direction: Tensor) -> Tensor:
         """``d²/ds² h̃(x, y + s t)`` at ``s = 0`` by a central second difference, ``(B, c)``.
