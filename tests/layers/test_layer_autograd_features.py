@@ -4,11 +4,13 @@ gradient-penalty step), ``torch.func`` (vmap, grad, jacrev) and ``torch.compile`
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch.autograd import gradgradcheck
 
+import declnet
 import declnet.layers as L
 from declnet.layers import Penalty
 
@@ -166,6 +168,34 @@ def test_quadratic_program_has_second_derivatives():
     (gq,) = torch.autograd.grad(fn(q, p, g, h).square().sum(), q, create_graph=True)
     (second,) = torch.autograd.grad(gq.sum(), p)
     assert second.abs().sum() > 1e-3
+
+
+def _pool_inputs() -> list[torch.Tensor]:
+    """Ordinary rows, far outliers, a row of far-apart points (weights underflow, Huber has
+    an interval of minimisers, Welsch has no curvature) and huge magnitudes."""
+    base = randn(4, 9, seed=60)
+    far = base.clone()
+    far[:, 0] = 1e6
+    spread = torch.tensor([[-30.0, -10.0, 10.0, 30.0, 50.0, -50.0, 70.0, -70.0, 90.0]], dtype=F64)
+    return [base, far, spread.expand(2, 9).clone(), 1e200 * base]
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch", "truncated_quadratic"])
+def test_differentiable_backward_equals_fast_backward(name):
+    # The create_graph=True path (differentiable ops) against the fused kernels.
+    for x in _pool_inputs():
+        for alpha in (0.5, 1e-3):
+            pen = type(L.as_penalty(name))(torch.tensor(alpha, dtype=F64, requires_grad=True))
+            x = x.clone().requires_grad_()
+            v = randn(*x.shape[:-1], seed=61)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", declnet.DeclarativeWarning)
+                fast = torch.autograd.grad(L.robust_pool(x, pen), (x, pen.alpha), v)
+                slow = torch.autograd.grad(
+                    L.robust_pool(x, pen), (x, pen.alpha), v, create_graph=True
+                )
+            for f, s in zip(fast, slow):
+                torch.testing.assert_close(s.detach(), f, rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
 def _unrolled_pseudo_huber(x: torch.Tensor, alpha: float) -> torch.Tensor:
