@@ -91,7 +91,7 @@ def _marginal_solve(p: Tensor, a: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
         # Fix w_n = 0; the leading block is positive definite for a connected plan.
         red = schur[..., :-1, :-1]
         chol, info = torch.linalg.cholesky_ex(red)
-        if bool(info.any()):
+        if bool(plain(info).any()):
             sol = torch.linalg.lstsq(red, rhs[..., :-1].unsqueeze(-1)).solution
         else:
             sol = torch.cholesky_solve(rhs[..., :-1].unsqueeze(-1), chol)

@@ -21,17 +21,19 @@ solvers are in ``_pool_solvers`` (scalar, one rule per penalty class) and
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
+from .._diagnostics import DeclarativeWarning
 from .._node import DeclarativeNode, declarative
 from . import _pool_backward as pool_backward
 from . import _pool_ops as pool_ops
 from . import _pool_solvers as pool_solvers
 from . import _vector_pool_solvers as vector_solvers
 from ._checks import DimLike, check_floating, normalise_dims, pool_alpha
-from ._functorch import batch_first, differentiable_backward
+from ._functorch import batch_first, differentiable_backward, plain
 from .penalties import Penalty, PenaltyLike, Quadratic, as_penalty
 
 __all__ = ["RobustPool", "RobustVectorPool", "robust_pool", "robust_vector_pool"]
@@ -292,6 +294,28 @@ def _check_vector_penalty(pen: Penalty) -> None:
         )
 
 
+def _solve_hessian(hess: Tensor, v: Tensor, what: str) -> Tensor:
+    """``H⁻¹ v`` per set (``v (M, C)``), the pseudo-inverse solution where ``H`` is singular
+    (with a warning); differentiable and batchable when the backward must be."""
+    if not differentiable_backward():
+        return vector_solvers.solve_hessian(hess, v, what)
+    sol, info = torch.linalg.solve_ex(hess, v.unsqueeze(-1))
+    bad = ((info != 0) | ~torch.isfinite(sol).all(dim=(-2, -1))) & torch.isfinite(hess).all(
+        dim=(-2, -1)
+    )
+    if bool(plain(bad).any()):
+        warnings.warn(
+            f"robust_vector_pool({what}): the Hessian Σ_i ∇²φ(‖y − x_i‖) is singular for "
+            f"{int(plain(bad).sum())} output(s); using its least-squares (pseudo-inverse) "
+            "solution.",
+            DeclarativeWarning,
+            stacklevel=4,
+        )
+        least = torch.linalg.pinv(hess, hermitian=True) @ v.unsqueeze(-1)
+        sol = torch.where(bad[:, None, None], least, sol)
+    return sol.squeeze(-1)
+
+
 class _RobustVectorPoolFunction(torch.autograd.Function):
     """y (M, C) = argmin_u Σ_i φ(‖u − x_i‖; α) for x (M, n, C); implicit backward.
 
@@ -319,7 +343,7 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
         x, alpha, y = ctx.saved_tensors
         pen = ctx.pen
         hess, d, r, w, c = vector_solvers.hessian(pen, x, y, alpha)
-        u = vector_solvers.solve_hessian(hess, v, type(pen).__name__)  # H⁻¹ v, (M, C)
+        u = _solve_hessian(hess, v, type(pen).__name__)  # H⁻¹ v, (M, C)
         # dJ/dx_i = H_i H⁻¹ v with H_i = w_i I + c_i d_i d_iᵀ (Prop. 4.4, left to right).
         grad = (
             w.unsqueeze(-1) * u.unsqueeze(1)
