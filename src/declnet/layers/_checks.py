@@ -13,6 +13,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from ._functorch import plain
+
 __all__ = [
     "DimLike",
     "RadiusLike",
@@ -222,10 +224,11 @@ def pool_alpha(
         return torch.ones((), dtype=x.dtype, device=x.device)
     if not isinstance(alpha, Tensor):
         return torch.tensor(float(alpha), dtype=x.dtype, device=x.device)
-    if bool((~(alpha.detach() > 0)).any()) or not bool(torch.isfinite(alpha.detach()).all()):
+    values = plain(alpha.detach())  # every sample of a vmapped alpha
+    if bool((~(values > 0)).any()) or not bool(torch.isfinite(values).all()):
         raise ValueError(
             f"{owner}: alpha must be positive and finite everywhere, got "
-            f"min {alpha.detach().min().item():.3g} (a learnable alpha may have left the "
+            f"min {values.min().item():.3g} (a learnable alpha may have left the "
             "allowed range: parametrise it, e.g. alpha = softplus(raw))."
         )
     alpha = alpha.to(device=x.device, dtype=x.dtype)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["QPResult", "solve_qp"]
+__all__ = ["QPResult", "kkt_matrix", "kkt_solve", "solve_qp"]
 
 
 @dataclass
@@ -39,6 +39,23 @@ def _bmv(M: Tensor, v: Tensor) -> Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def kkt_matrix(Q: Tensor, G: Tensor, A: Tensor, w: Tensor) -> Tensor:
+    """The augmented KKT matrix ``[[Q + δI, Gᵀ, Aᵀ], [G, −diag(w), 0], [A, 0, 0 − δI]]``,
+    ``(B, m + q + r)``, built with differentiable operations (``δ`` is a constant; see
+    :func:`_factor`)."""
+    B, m = Q.shape[0], Q.shape[-1]
+    q, r = G.shape[1], A.shape[1]
+    delta = 100 * torch.finfo(Q.dtype).eps * (1.0 + Q.detach().abs().amax((1, 2)))
+    top = Q + delta[:, None, None] * torch.eye(m, dtype=Q.dtype, device=Q.device)
+    Z = Q.new_zeros
+    eye_r = torch.eye(r, dtype=Q.dtype, device=Q.device)
+    return torch.cat([
+        torch.cat([top, G.transpose(1, 2), A.transpose(1, 2)], 2),
+        torch.cat([G, torch.diag_embed(-w), Z(B, q, r)], 2),
+        torch.cat([A, Z(B, r, q), -delta[:, None, None] * eye_r], 2),
+    ], 1)
+
+
 def _factor(Q: Tensor, G: Tensor, A: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """LU of the augmented KKT matrix ``[[Q + δI, Gᵀ, Aᵀ], [G, −diag(w), 0], [A, 0, 0]]``
     with ``w = s/z``, ``(B, m + q + r)`` (``δ = 100 eps (1 + max|Q|)`` keeps a singular ``Q``
@@ -46,18 +63,7 @@ def _factor(Q: Tensor, G: Tensor, A: Tensor, w: Tensor) -> tuple[Tensor, Tensor]
     Unlike the reduced ``Q + Gᵀ diag(z/s) G``, whose entries grow like ``1/s`` on the
     active constraints, this matrix stays well conditioned at the solution: active rows
     tend to equalities (``w → 0``), inactive ones decouple."""
-    B, m = Q.shape[0], Q.shape[-1]
-    q, r = G.shape[1], A.shape[1]
-    delta = 100 * torch.finfo(Q.dtype).eps * (1.0 + Q.abs().amax((1, 2)))
-    top = Q + delta[:, None, None] * torch.eye(m, dtype=Q.dtype, device=Q.device)
-    Z = Q.new_zeros
-    K = torch.cat([
-        torch.cat([top, G.transpose(1, 2), A.transpose(1, 2)], 2),
-        torch.cat([G, torch.diag_embed(-w), Z(B, q, r)], 2),
-        torch.cat([A, Z(B, r, q), -delta[:, None, None] * torch.eye(r, dtype=Q.dtype,
-                                                                   device=Q.device)], 2),
-    ], 1)
-    lu, piv, _ = torch.linalg.lu_factor_ex(K)
+    lu, piv, _ = torch.linalg.lu_factor_ex(kkt_matrix(Q, G, A, w))
     return lu, piv
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_tensor
+from ._functorch import batch_first, plain
 
 __all__ = ["EigenDecomposition", "eigenvectors"]
 
@@ -51,31 +52,43 @@ def _select(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Tensor, T
 
 
 class _EigenFunction(torch.autograd.Function):
+    """The full decomposition ``(λ, U)`` of symmetric ``X`` (ordered, signs fixed), both
+    differentiable outputs.
+
+    With incoming gradients ``g_λ`` and ``G_U``, ``dL/dX = sym(U [diag(g_λ) + F ⊙ (Uᵀ G_U)]
+    Uᵀ)`` (module docstring; ``F_ij = 1/(λ_j − λ_i)``, 0 within rounding of a repeated
+    eigenvalue). The backward uses the saved *outputs* ``λ`` and ``U``, which carry their
+    dependence on ``X``, so differentiating it again (``create_graph=True``) gives the
+    second derivatives (for distinct eigenvalues).
+    """
+
     @staticmethod
-    def forward(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
-        lam, u, _, y = _select(x, k, largest)
-        return y, torch.cat([lam.unsqueeze(-2), u], dim=-2)
+    def forward(x: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+        lam, u, _, _ = _select(x, x.shape[-1], largest)
+        return lam, u
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        _, k, _ = inputs
-        _, packed = output
-        ctx.mark_non_differentiable(packed)
-        ctx.k = k
-        ctx.save_for_backward(packed)
+        ctx.save_for_backward(*output)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor, _: Any) -> tuple[Tensor | None, ...]:
-        (packed,) = ctx.saved_tensors
-        lam, u = packed[..., 0, :], packed[..., 1:, :]
-        k = ctx.k
-        y = u[..., :k]
-        gap = lam[..., :k].unsqueeze(-2) - lam.unsqueeze(-1)  # (..., n, k): λ_j − λ_i
-        tol = 100 * torch.finfo(lam.dtype).eps * lam.abs().amax(-1, keepdim=True).unsqueeze(-1)
-        safe = torch.where(gap.abs() > tol, gap, torch.ones_like(gap))
-        f = torch.where(gap.abs() > tol, 1.0 / safe, torch.zeros_like(gap))
-        a = u @ (f * (u.mT @ g)) @ y.mT
-        return 0.5 * (a + a.mT), None, None
+    def backward(ctx: Any, g_lam: Tensor | None, g_u: Tensor | None) -> tuple[Tensor | None, ...]:
+        lam, u = ctx.saved_tensors
+        inner = torch.zeros_like(u) if g_lam is None else torch.diag_embed(g_lam)
+        if g_u is not None:
+            gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # (..., n, n): λ_j − λ_i
+            tol = 100 * torch.finfo(lam.dtype).eps * lam.detach().abs().amax(-1, keepdim=True)
+            ok = gap.abs() > tol.unsqueeze(-1)
+            f = torch.where(ok, 1.0 / torch.where(ok, gap, torch.ones_like(gap)), 0.0)
+            inner = inner + f * (u.mT @ g_u)
+        a = u @ inner @ u.mT
+        return 0.5 * (a + a.mT), None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, largest: bool) -> tuple[Any, Any]:
+        """The decomposition is batched over leading dimensions: move the vmapped one first."""
+        lam, u = _EigenFunction.apply(batch_first(x, in_dims[0], info.batch_size), largest)
+        return (lam, u), (0, 0)
 
 
 def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
@@ -112,15 +125,15 @@ def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool; got {largest!r}.")
     xd = X.detach()
-    asym = (xd - xd.mT).abs().amax()
-    scale = xd.abs().amax().clamp(min=torch.finfo(X.dtype).tiny)
+    asym = plain((xd - xd.mT).abs()).amax()
+    scale = plain(xd.abs()).amax().clamp(min=torch.finfo(X.dtype).tiny)
     if bool(asym > torch.finfo(X.dtype).eps ** 0.5 * scale) or not bool(torch.isfinite(asym)):
         raise ValueError(
             f"X must be symmetric (and finite); got max |X − Xᵀ| = {float(asym):.3g} for "
             f"max |X| = {float(scale):.3g}. Pass the symmetric part (X + X.mT) / 2."
         )
-    y, _ = _EigenFunction.apply(0.5 * (X + X.mT), k, largest)
-    return y
+    _, u = _EigenFunction.apply(0.5 * (X + X.mT), largest)
+    return u[..., :k]
 
 
 class EigenDecomposition(nn.Module):

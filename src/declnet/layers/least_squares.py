@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_param, check_tensor
+from ._functorch import batch_first, differentiable_backward, plain
 
 __all__ = ["LeastSquares", "least_squares"]
 
@@ -75,7 +76,13 @@ def _factor(a: Tensor, b: Tensor, w: Tensor, ridge: Tensor, pen: Tensor) -> tupl
 
 
 class _LeastSquaresFunction(torch.autograd.Function):
-    """Returns ``(y, R)``; ``R`` (non-differentiable) is kept for the backward."""
+    """Returns ``(y, R)``; ``R`` (non-differentiable) is kept for the backward.
+
+    The ordinary backward reuses ``R``. When the backward is itself differentiated
+    (``create_graph=True``) or transformed, ``g = H⁻¹ v`` is instead recomputed from
+    ``H = Aᵀ W A + ρ D`` built from the saved inputs, so that it carries its dependence on
+    them (with the saved output ``y``, this gives the exact second derivatives).
+    """
 
     @staticmethod
     def forward(
@@ -91,9 +98,13 @@ class _LeastSquaresFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, v: Tensor, _: Any) -> tuple[Tensor | None, ...]:
-        a, b, w, _ridge, pen, y, factor = ctx.saved_tensors
-        z = torch.linalg.solve_triangular(factor.mT, v.unsqueeze(-1), upper=False)
-        g = torch.linalg.solve_triangular(factor, z, upper=True).squeeze(-1)  # H⁻¹ v
+        a, b, w, ridge, pen, y, factor = ctx.saved_tensors
+        if differentiable_backward():
+            hess = (a * w.unsqueeze(-1)).mT @ a + torch.diag_embed(ridge.unsqueeze(-1) * pen)
+            g = torch.linalg.solve(hess, v)  # H⁻¹ v, connected to A, w and ρ
+        else:
+            z = torch.linalg.solve_triangular(factor.mT, v.unsqueeze(-1), upper=False)
+            g = torch.linalg.solve_triangular(factor, z, upper=True).squeeze(-1)  # H⁻¹ v
         ag = (a @ g.unsqueeze(-1)).squeeze(-1)
         res = (a @ y.unsqueeze(-1)).squeeze(-1) - b
         need = ctx.needs_input_grad
@@ -108,6 +119,24 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if need[3]:
             grad_ridge = -(g * pen * y).sum(-1)
         return grad_a, grad_b, grad_w, grad_ridge, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Tensor) -> tuple[Any, Any]:
+        """Fold the vmapped dimension into the batch: one call on ``V·B`` problems."""
+        size = info.batch_size
+        a, b, w, ridge = (batch_first(t, d, size) for t, d in zip(args[:4], in_dims[:4]))
+        if in_dims[4] is not None:
+            raise ValueError("least_squares: the penalty mask cannot be vmapped.")
+        batch = a.shape[1]
+        a = a.expand(size, batch, *a.shape[2:])
+        y, factor = _LeastSquaresFunction.apply(
+            a.reshape(size * batch, *a.shape[2:]),
+            b.expand(size, batch, -1).reshape(size * batch, -1),
+            w.expand(size, batch, -1).reshape(size * batch, -1),
+            ridge.expand(size, batch).reshape(size * batch),
+            args[4],
+        )
+        return (y.reshape(size, batch, -1), factor.reshape(size, batch, *factor.shape[1:])), (0, 0)
 
 
 def least_squares(
@@ -164,11 +193,11 @@ def least_squares(
                 f"weights is {weights.dtype} on {weights.device} but A is {A.dtype} on "
                 f"{A.device}."
             )
-        bad = ~torch.isfinite(weights) | (weights < 0)
+        bad = plain(~torch.isfinite(weights) | (weights < 0))
         if bool(bad.any()):
             raise ValueError(
                 "every weight must be finite and >= 0; got "
-                f"{weights.detach().reshape(-1)[bad.reshape(-1)][0].item()}."
+                f"{plain(weights.detach()).reshape(-1)[bad.reshape(-1)][0].item()}."
             )
     rho = as_param(ridge, A, "ridge")
     if not isinstance(fit_intercept, bool):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .._diagnostics import DeclarativeWarning
 from ._checks import as_param, check_tensor
+from ._functorch import batch_first, plain
 
 __all__ = ["OptimalTransport", "optimal_transport"]
 
@@ -90,7 +91,7 @@ def _marginal_solve(p: Tensor, a: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
         # Fix w_n = 0; the leading block is positive definite for a connected plan.
         red = schur[..., :-1, :-1]
         chol, info = torch.linalg.cholesky_ex(red)
-        if bool(info.any()):
+        if bool(plain(info).any()):
             sol = torch.linalg.lstsq(red, rhs[..., :-1].unsqueeze(-1)).solution
         else:
             sol = torch.cholesky_solve(rhs[..., :-1].unsqueeze(-1), chol)
@@ -117,6 +118,10 @@ def transport_vjp(p: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _TransportFunction(torch.autograd.Function):
+    """``P`` by Sinkhorn; the backward (:func:`transport_vjp`) is written with
+    differentiable operations on the saved output ``P``, so it can be differentiated again
+    (the Schur complement is re-formed from ``P``: nothing non-differentiable is saved)."""
+
     @staticmethod
     def forward(
         m: Tensor, r: Tensor, c: Tensor, gamma: Tensor, tol: float, max_iter: int
@@ -146,6 +151,21 @@ class _TransportFunction(torch.autograd.Function):
         grad_gamma = -(grad_theta * m).sum((-2, -1)) if ctx.needs_input_grad[3] else None
         return grad_m, grad_r, grad_c, grad_gamma, None, None
 
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Tensor, int]:
+        """Fold the vmapped dimension into the batch: one Sinkhorn run on ``V·B`` problems."""
+        size = info.batch_size
+        m, r, c, gamma = (batch_first(t, d, size) for t, d in zip(args[:4], in_dims[:4]))
+        batch, rows, cols = m.shape[1:]
+        p = _TransportFunction.apply(
+            m.reshape(size * batch, rows, cols),
+            r.expand(size, batch, rows).reshape(size * batch, rows),
+            c.expand(size, batch, cols).reshape(size * batch, cols),
+            gamma.expand(size, batch).reshape(size * batch),
+            *args[4:],
+        )
+        return p.reshape(size, batch, rows, cols), 0
+
 
 def _marginal(x: Optional[Tensor], name: str, size: int, m_: Tensor) -> Tensor:
     if x is None:
@@ -158,11 +178,11 @@ def _marginal(x: Optional[Tensor], name: str, size: int, m_: Tensor) -> Tensor:
             f"{name} must be a {m_.dtype} tensor of shape (..., {size}) on {m_.device} "
             f"for M of shape {tuple(m_.shape)}; got {x.dtype} {tuple(x.shape)} on {x.device}."
         )
-    bad = ~(x > 0) | ~torch.isfinite(x)
+    bad = plain(~(x > 0) | ~torch.isfinite(x))
     if bool(bad.any()):
         raise ValueError(
             f"every entry of {name} must be finite and > 0 (drop empty rows or columns of "
-            f"M instead); got {x.detach().reshape(-1)[bad.reshape(-1)][0].item()}."
+            f"M instead); got {plain(x.detach()).reshape(-1)[bad.reshape(-1)][0].item()}."
         )
     return x
 
@@ -225,7 +245,7 @@ def optimal_transport(
             f"and gamma {tuple(g.shape)} do not broadcast."
         ) from err
     mass_r, mass_c = r.detach().sum(-1), c.detach().sum(-1)
-    gap = (mass_r - mass_c).abs() / torch.maximum(mass_r, mass_c)
+    gap = plain((mass_r - mass_c).abs() / torch.maximum(mass_r, mass_c))
     if bool((gap > max(100 * tol, 1e-5)).any()):
         raise ValueError(
             "infeasible marginals: r and c must have the same total mass in every sample; "

@@ -21,6 +21,8 @@ from typing import ClassVar, Union
 import torch
 from torch import Tensor
 
+from ._functorch import plain
+
 __all__ = [
     "Huber",
     "Penalty",
@@ -50,11 +52,11 @@ def _check_alpha(alpha: object, owner: str) -> AlphaLike:
             )
         if alpha.numel() == 0:
             raise ValueError(f"{owner}: alpha must not be empty, got shape {tuple(alpha.shape)}.")
-        bad = ~(torch.isfinite(alpha.detach()) & (alpha.detach() > 0))
+        bad = plain(~(torch.isfinite(alpha.detach()) & (alpha.detach() > 0)))
         if bool(bad.any()):
             raise ValueError(
                 f"{owner}: alpha must be positive and finite everywhere; got "
-                f"{int(bad.sum())} bad value(s) (min {alpha.detach().min().item():.3g})."
+                f"{int(bad.sum())} bad value(s) (min {plain(alpha.detach()).min().item():.3g})."
             )
         return alpha
     value = float(alpha)

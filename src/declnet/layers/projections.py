@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from . import _projection_solvers as solvers
 from ._checks import RadiusLike, check_dim, check_kind, check_p, check_radius
+from ._functorch import batch_first, differentiable_backward, transforms_active
 
 __all__ = [
     "LpProjection",
@@ -45,6 +46,39 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # The autograd Function
 # --------------------------------------------------------------------------------------
+
+
+def _vmap_operands(
+    size: int, in_dims: tuple[Any, ...], x: Tensor, radius: Any
+) -> tuple[Tensor, Any]:
+    """``x`` and the radius with the vmapped dimension first (``x`` expanded when only the
+    radius is vmapped; an unvmapped tensor radius broadcasts as it is)."""
+    xb = batch_first(x, in_dims[0], size)
+    if isinstance(radius, Tensor) and in_dims[1] is not None:
+        return xb, radius.movedim(in_dims[1], 0)
+    return xb, radius
+
+
+def _l2_backward(
+    v: Tensor, x: Tensor, y: Tensor, r: float | Tensor, dim: int, ball: bool
+) -> tuple[Tensor, Tensor]:
+    """Table 2's p = 2 VJP, ``Dy = (r/‖x‖)(I − ŷŷᵀ)``, without data-dependent branches.
+
+    The same formula as the solvers' fast backward, with ``‖x‖ = m ‖x/m‖`` (``m = max|x|``)
+    always, so that it runs under ``torch.func.vmap`` and differentiates twice.
+    """
+    top = x.abs().amax(dim, keepdim=True)
+    norm = top * torch.linalg.vector_norm(x / torch.where(top > 0, top, 1.0), dim=dim, keepdim=True)
+    yv = torch.linalg.vecdot(y, v, dim=dim).unsqueeze(dim)
+    if ball:
+        active = (norm >= r).to(v.dtype)
+        factor = r / torch.clamp(norm, min=r)
+        radial = active * yv / (r * r)
+    else:
+        zero = (norm == 0).to(v.dtype)
+        factor = r / (norm + zero * r)
+        radial = yv / (r * r)
+    return v * factor - y * (radial * factor), radial * r
 
 
 class _LpProjectionFunction(torch.autograd.Function):
@@ -74,9 +108,19 @@ class _LpProjectionFunction(torch.autograd.Function):
         p, ball, dim, masked = ctx.p, ctx.ball, ctx.dim, ctx.masked
         x, y, *rest = ctx.saved_tensors
         r = rest[0] if ctx.radius_is_tensor else ctx.radius_float
-        grad_x, grad_r = solvers.backward(v, x, y, r, dim, p, ball, masked)
+        if p == 2.0 and differentiable_backward():
+            grad_x, grad_r = _l2_backward(v, x, y, r, dim, ball)
+        else:
+            grad_x, grad_r = solvers.backward(v, x, y, r, dim, p, ball, masked)
         grad_radius = solvers.reduce_to(grad_r, r) if ctx.needs_input_grad[1] else None
         return (grad_x if ctx.needs_input_grad[0] else None), grad_radius, None, None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, radius: Any, *rest: Any) -> Any:
+        """Every dimension but ``dim`` is a batch dimension: move the vmapped one first."""
+        p, ball, dim, masked = rest
+        xb, rb = _vmap_operands(info.batch_size, in_dims, x, radius)
+        return _LpProjectionFunction.apply(xb, rb, p, ball, dim + 1, masked), 0
 
 
 # --------------------------------------------------------------------------------------
@@ -90,7 +134,7 @@ def _project(x: Tensor, p: Any, radius: Any, dim: Any, kind: str, masked: bool) 
     r = check_radius(radius, x, dim)
     ball = kind == "ball"
     needs_grad = x.requires_grad or (isinstance(r, Tensor) and r.requires_grad)
-    if not (needs_grad and torch.is_grad_enabled()):
+    if not (needs_grad and torch.is_grad_enabled()) and not transforms_active():
         # Nothing to differentiate: skip the autograd.Function and its bookkeeping.
         return _LpProjectionFunction.forward(x, r, p, ball, dim, bool(masked))
     return _LpProjectionFunction.apply(x, r, p, ball, dim, bool(masked))
@@ -217,6 +261,12 @@ class _SimplexFunction(torch.autograd.Function):
         grad_x, mean = solvers.simplex_backward(v, y, dim)
         grad_total = mean.sum_to_size(rest[0].shape) if ctx.total_is_tensor else None
         return (grad_x if ctx.needs_input_grad[0] else None), grad_total, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, total: Any, dim: int) -> Any:
+        """Every dimension but ``dim`` is a batch dimension: move the vmapped one first."""
+        xb, tb = _vmap_operands(info.batch_size, in_dims, x, total)
+        return _SimplexFunction.apply(xb, tb, dim + 1), 0
 
 
 def project_onto_simplex(x: Tensor, total: RadiusLike = 1.0, dim: int = -1) -> Tensor:

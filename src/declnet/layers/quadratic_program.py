@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .._diagnostics import DeclarativeWarning
-from ._qp import QPResult, kkt_solve, solve_qp
+from ._functorch import batch_first, differentiable_backward
+from ._qp import QPResult, kkt_matrix, kkt_solve, solve_qp
 
 __all__ = ["QuadraticProgram", "QuadraticProgramError", "quadratic_program"]
 
@@ -92,31 +93,63 @@ def _check(args: dict[str, Tensor | None]) -> tuple[int, int, int]:
     return m, q, r
 
 
+def _full(t: Tensor, name: str, batch: int) -> Tensor:
+    """An argument with the batch dimension: shared ones are expanded to ``batch``."""
+    return t.expand(batch, *t.shape) if t.dim() == _SPEC[name] else t
+
+
 class _QPFunction(torch.autograd.Function):
+    """``(y, z, ν)`` of the QP (all differentiable outputs) and the final KKT factorisation
+    ``(LU, pivots)`` (non-differentiable), kept for the backward.
+
+    Backward (module docstring, with incoming gradients for ``z`` and ``ν`` as well):
+    ``K [a_y; a_z; a_ν] = [g_y; g_z; g_ν]``, then ``∂ℓ/∂p = −a_y`` and so on. The ordinary
+    backward solves with the saved LU; when the backward is itself differentiated
+    (``create_graph=True``) or transformed, ``K`` is rebuilt from the saved inputs and the
+    saved outputs ``y``, ``z`` (``s = h − Gy``), which carry their dependence on every
+    argument, and solved with differentiable operations: the second derivatives are those
+    of implicit differentiation of the KKT conditions (a.e., for a fixed active set).
+    """
+
     @staticmethod
-    def forward(ctx: Any, opts: dict[str, Any], Q: Tensor, p: Tensor, G: Tensor, h: Tensor,
-                A: Tensor, b: Tensor) -> Tensor:
+    def forward(opts: dict[str, Any], Q: Tensor, p: Tensor, G: Tensor, h: Tensor,  # type: ignore[override]
+                A: Tensor, b: Tensor) -> tuple[Tensor, ...]:
         B = opts["batch"]
-        full = [t.detach().expand(B, *t.shape[-(_SPEC[n]):]) if t.dim() == _SPEC[n] else t.detach()
-                for n, t in zip("QpGhAb", (Q, p, G, h, A, b))]
+        full = [_full(t.detach(), n, B) for n, t in zip("QpGhAb", (Q, p, G, h, A, b))]
         Qf, pf, Gf, hf, Af, bf = full
         Qf = 0.5 * (Qf + Qf.transpose(1, 2))
         with torch.no_grad():
             res = solve_qp(Qf, pf, Gf, hf, Af, bf, opts["tol"], opts["max_iter"])
         _report(res, opts)
         opts["last"] = res
-        ctx.opts = opts
-        ctx.res = res
-        return res.y.clone()
+        return res.y.clone(), res.z.clone(), res.nu.clone(), res.lu, res.pivots
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        res: QPResult = ctx.res
-        y, z, nu = res.y, res.z, res.nu
-        v = grad_y.to(y.dtype)
-        Z = v.new_zeros
-        dy, dz, dnu = kkt_solve(res.lu, res.pivots, v, Z(v.shape[0], z.shape[1]),
-                                Z(v.shape[0], nu.shape[1]))  # dz = diag(z/s) G dy
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        opts, Q, _, G, h, A, _ = inputs
+        y, z, nu, lu, piv = output
+        ctx.mark_non_differentiable(lu, piv)
+        ctx.opts = opts
+        ctx.save_for_backward(Q, G, h, A, y, z, nu, lu, piv)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor | None, grad_z: Tensor | None,  # type: ignore[override]
+                 grad_nu: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        Q, G, h, A, y, z, nu, lu, piv = ctx.saved_tensors
+        B = y.shape[0]
+        gy = torch.zeros_like(y) if grad_y is None else grad_y.to(y.dtype)
+        gz = torch.zeros_like(z) if grad_z is None else grad_z.to(z.dtype)
+        gnu = torch.zeros_like(nu) if grad_nu is None else grad_nu.to(nu.dtype)
+        m, q = y.shape[1], z.shape[1]
+        if differentiable_backward():
+            Qf, Gf, hf, Af = (_full(t, n, B) for n, t in zip("QGhA", (Q, G, h, A)))
+            Qf = 0.5 * (Qf + Qf.transpose(1, 2))
+            s = hf - (Gf @ y.unsqueeze(-1)).squeeze(-1)
+            K = kkt_matrix(Qf, Gf, Af, s / z)
+            sol = torch.linalg.solve(K, torch.cat([gy, gz, gnu], 1))
+            dy, dz, dnu = sol[:, :m], sol[:, m:m + q], sol[:, m + q:]
+        else:
+            dy, dz, dnu = kkt_solve(lu, piv, gy, gz, gnu)  # dz = diag(z/s) G dy for g_z = 0
         need = ctx.needs_input_grad[1:]
         shapes = ctx.opts["shapes"]
 
@@ -139,6 +172,22 @@ class _QPFunction(torch.autograd.Function):
         if need[5]:
             grads[5] = fit(dnu, 5)
         return (None, *grads)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], opts: dict[str, Any], *args: Tensor
+             ) -> tuple[Any, Any]:
+        """Fold the vmapped dimension into the batch: one interior-point run on ``V·B``."""
+        size, batch = info.batch_size, opts["batch"]
+        flat = []
+        for name, t, d in zip("QpGhAb", args, in_dims[1:]):
+            t = batch_first(t, d, size)
+            t = t.unsqueeze(1) if t.dim() == _SPEC[name] + 1 else t
+            core = t.shape[2:]
+            flat.append(t.expand(size, batch, *core).reshape(size * batch, *core))
+        inner = dict(opts, batch=size * batch, shapes=[tuple(t.shape) for t in flat])
+        out = _QPFunction.apply(inner, *flat)
+        opts["last"] = inner["last"]
+        return tuple(o.reshape(size, batch, *o.shape[1:]) for o in out), (0,) * len(out)
 
 
 def _report(res: QPResult, opts: dict[str, Any]) -> None:
@@ -214,7 +263,7 @@ def _run(Q: Tensor, p: Tensor, G: Tensor | None, h: Tensor | None, A: Tensor | N
     opts = {"batch": batch, "tol": float(torch.finfo(dtype).eps) ** 0.8 if tol is None
             else float(tol), "max_iter": max_iter, "strict": strict,
             "shapes": [tuple(t.shape) for t in tensors], "q": q, "r": r}
-    return _QPFunction.apply(opts, *tensors), opts
+    return _QPFunction.apply(opts, *tensors)[0], opts
 
 
 class QuadraticProgram(nn.Module):

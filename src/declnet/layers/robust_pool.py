@@ -21,15 +21,19 @@ solvers are in ``_pool_solvers`` (scalar, one rule per penalty class) and
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .._diagnostics import DeclarativeWarning
 from .._node import DeclarativeNode, declarative
+from . import _pool_backward as pool_backward
+from . import _pool_ops as pool_ops
 from . import _pool_solvers as pool_solvers
 from . import _vector_pool_solvers as vector_solvers
 from ._checks import DimLike, check_floating, normalise_dims, pool_alpha
+from ._functorch import batch_first, differentiable_backward, plain
 from .penalties import Penalty, PenaltyLike, Quadratic, as_penalty
 
 __all__ = ["RobustPool", "RobustVectorPool", "robust_pool", "robust_vector_pool"]
@@ -55,14 +59,20 @@ def _restore(y: Tensor, out_shape: tuple[int, ...], dims: tuple[int, ...], keepd
 class _RobustPoolFunction(torch.autograd.Function):
     """y (M, 1) = argmin_u Σ_i φ(u − x_i; α) for x (M, n); closed-form backward (Table 1).
 
-    The solver and the backward are the penalty class's :class:`PoolRule`; its saved tensors
-    are extra, non-differentiable outputs.
+    The solver is the penalty class's :class:`PoolRule`; its saved tensors are extra,
+    non-differentiable outputs. Under ``torch.compile`` the solver of a built-in penalty runs
+    as one opaque custom operator (:mod:`._pool_ops`), so the graph does not break on its
+    data-dependent iterations. The backward is the rule's fused one, or, when it must be
+    differentiable (double backward, compile, ``torch.func``), :func:`._pool_backward.pool_vjp`
+    on the saved output ``y``, which carries its own dependence on ``x`` and ``α``.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         x: Tensor, alpha: Tensor, pen: Penalty
     ) -> tuple[Tensor, ...]:
+        if torch.compiler.is_compiling() and type(pen) in pool_solvers.RULES:
+            return pool_ops.solve(x, alpha, type(pen).__name__)
         y, saved = pool_solvers.solve_rows(pool_solvers.rule_for(pen), pen, x, alpha)
         return (y, *saved)
 
@@ -71,22 +81,38 @@ class _RobustPoolFunction(torch.autograd.Function):
         x, alpha, pen = inputs
         y, *saved = output
         ctx.pen = pen
-        ctx.n_saved = len(saved)
         ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(x, alpha, y, *saved)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, *unused):  # type: ignore[no-untyped-def, override]
         x, alpha, y, *saved = ctx.saved_tensors
         pen = ctx.pen
-        rule = pool_solvers.rule_for(pen)
-        grad, dyda = rule.backward(pen, x, y, alpha, grad_y, tuple(saved))
+        if differentiable_backward():
+            grad, dyda = pool_backward.pool_vjp(pen, x, y, alpha, grad_y, tuple(saved))
+        else:
+            rule = pool_solvers.rule_for(pen)
+            grad, dyda = rule.backward(pen, x, y, alpha, grad_y, tuple(saved))
         grad_alpha = None
         if ctx.needs_input_grad[1]:
             prod = grad_y * dyda
             grad_alpha = prod.sum_to_size(alpha.shape) if alpha.dim() else prod.sum()
         return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, alpha, pen):  # type: ignore[no-untyped-def, override]
+        """Fold the vmapped dimension into the rows: one call on ``(V·M, n)``."""
+        x_dim, a_dim, _ = in_dims
+        size = info.batch_size
+        xb = batch_first(x, x_dim, size)
+        rows, n = xb.shape[1], xb.shape[2]
+        if a_dim is None and alpha.dim() == 0:
+            ab = alpha
+        else:
+            ab = batch_first(alpha, a_dim, size).reshape(size, -1, 1)
+            ab = ab.expand(size, rows, 1).reshape(size * rows, 1)
+        out = _RobustPoolFunction.apply(xb.reshape(size * rows, n), ab, pen)
+        return tuple(o.reshape(size, rows, *o.shape[1:]) for o in out), (0,) * len(out)
 
 
 class _PenaltyPoolNode(DeclarativeNode):
@@ -161,7 +187,13 @@ def robust_pool(
 
     Welsch weights are rescaled before dividing so that nothing underflows. Pooled sets that
     contain NaN or ±inf give NaN (the quadratic penalty follows ``torch.mean``); other outputs
-    are unaffected. Double backward is not supported.
+    are unaffected.
+
+    Double backward (``create_graph=True``: gradient penalties, Hessian-vector products)
+    differentiates the same closed form again, written with differentiable operations, so
+    the second derivatives are those of implicit differentiation (the a.e. ones at the
+    kinks of Huber and the truncated quadratic). ``torch.func.vmap``, ``torch.func.grad``
+    and ``torch.compile(fullgraph=True)`` (built-in penalties) are supported.
 
     Args:
         x: input of any shape ``(*, n_1, ..., n_k, *)``, float32 or float64 (float16 and
@@ -190,7 +222,7 @@ def robust_pool(
     pen = as_penalty(penalty)
     x = check_floating(x, "robust_pool")
     dims = normalise_dims(x, dim)
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     if n == 0:
         raise ValueError(
             f"robust_pool: the pooled set is empty: dim={dim!r} of an input of shape "
@@ -262,8 +294,35 @@ def _check_vector_penalty(pen: Penalty) -> None:
         )
 
 
+def _solve_hessian(hess: Tensor, v: Tensor, what: str) -> Tensor:
+    """``H⁻¹ v`` per set (``v (M, C)``), the pseudo-inverse solution where ``H`` is singular
+    (with a warning); differentiable and batchable when the backward must be."""
+    if not differentiable_backward():
+        return vector_solvers.solve_hessian(hess, v, what)
+    sol, info = torch.linalg.solve_ex(hess, v.unsqueeze(-1))
+    bad = ((info != 0) | ~torch.isfinite(sol).all(dim=(-2, -1))) & torch.isfinite(hess).all(
+        dim=(-2, -1)
+    )
+    if bool(plain(bad).any()):
+        warnings.warn(
+            f"robust_vector_pool({what}): the Hessian Σ_i ∇²φ(‖y − x_i‖) is singular for "
+            f"{int(plain(bad).sum())} output(s); using its least-squares (pseudo-inverse) "
+            "solution.",
+            DeclarativeWarning,
+            stacklevel=4,
+        )
+        least = torch.linalg.pinv(hess, hermitian=True) @ v.unsqueeze(-1)
+        sol = torch.where(bad[:, None, None], least, sol)
+    return sol.squeeze(-1)
+
+
 class _RobustVectorPoolFunction(torch.autograd.Function):
-    """y (M, C) = argmin_u Σ_i φ(‖u − x_i‖; α) for x (M, n, C); implicit backward."""
+    """y (M, C) = argmin_u Σ_i φ(‖u − x_i‖; α) for x (M, n, C); implicit backward.
+
+    The backward is written with differentiable operations on the saved output ``y``
+    (which carries its dependence on ``x`` and ``α``), so differentiating it again gives
+    the second derivatives of implicit differentiation.
+    """
 
     @staticmethod
     def forward(x: Tensor, alpha: Tensor, pen: Penalty) -> Tensor:  # type: ignore[override]
@@ -280,12 +339,11 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
         ctx.save_for_backward(x, alpha, output)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, v):  # type: ignore[no-untyped-def, override]
         x, alpha, y = ctx.saved_tensors
         pen = ctx.pen
         hess, d, r, w, c = vector_solvers.hessian(pen, x, y, alpha)
-        u = vector_solvers.solve_hessian(hess, v, type(pen).__name__)  # H⁻¹ v, (M, C)
+        u = _solve_hessian(hess, v, type(pen).__name__)  # H⁻¹ v, (M, C)
         # dJ/dx_i = H_i H⁻¹ v with H_i = w_i I + c_i d_i d_iᵀ (Prop. 4.4, left to right).
         grad = (
             w.unsqueeze(-1) * u.unsqueeze(1)
@@ -300,7 +358,20 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
             grad_alpha = per_row.sum() if alpha.dim() == 0 else per_row.reshape(alpha.shape)
         return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None
 
-
+    @staticmethod
+    def vmap(info, in_dims, x, alpha, pen):  # type: ignore[no-untyped-def, override]
+        """Fold the vmapped dimension into the sets: one call on ``(V·M, n, C)``."""
+        x_dim, a_dim, _ = in_dims
+        size = info.batch_size
+        xb = batch_first(x, x_dim, size)
+        rows = xb.shape[1]
+        if a_dim is None and alpha.dim() == 0:
+            ab = alpha
+        else:
+            ab = batch_first(alpha, a_dim, size).reshape(size, -1)
+            ab = ab.expand(size, rows).reshape(size * rows)
+        y = _RobustVectorPoolFunction.apply(xb.reshape(size * rows, *xb.shape[2:]), ab, pen)
+        return y.reshape(size, rows, -1), 0
 
 
 def robust_vector_pool(
@@ -358,7 +429,7 @@ def robust_vector_pool(
             f"vector_dim={vector_dim} is also a pooled dim ({dim!r}); the coordinates of the "
             f"points must lie along another dimension of the input of shape {tuple(x.shape)}."
         )
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     if n == 0:
         raise ValueError(
             f"robust_vector_pool: the pooled set is empty: dim={dim!r} of an input of shape "

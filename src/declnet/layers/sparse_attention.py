@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_dim, check_tensor
+from ._functorch import batch_first
 
 __all__ = ["Entmax", "Sparsemax", "entmax", "sparsemax"]
 
@@ -140,6 +141,12 @@ class _EntmaxFunction(torch.autograd.Function):
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         (p,) = ctx.saved_tensors
         return _entmax_vjp(p, v, ctx.alpha, ctx.dim), None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], z: Tensor, alpha: float, dim: int) -> Any:
+        """Every dimension but ``dim`` is a batch dimension: move the vmapped one first."""
+        zb = batch_first(z, in_dims[0], info.batch_size)
+        return _EntmaxFunction.apply(zb, alpha, dim + 1), 0
 
 
 def entmax(x: Tensor, alpha: float = 1.5, dim: int = -1) -> Tensor:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .._diagnostics import DeclarativeWarning
 from ._checks import check_tensor
+from ._functorch import batch_first, plain
 
 __all__ = ["tridiagonal_solve"]
 
@@ -155,6 +156,15 @@ class _TridiagonalFunction(torch.autograd.Function):
         grad_lower = -g[..., 1:] * x[..., :-1] if ctx.needs_input_grad[0] else None
         return grad_lower, grad_diag, grad_upper, g, None
 
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Tensor, int]:
+        """The solvers are batched over leading dimensions: move the vmapped one first."""
+        size = info.batch_size
+        parts = [batch_first(t, d, size) for t, d in zip(args[:4], in_dims[:4])]
+        batch = torch.broadcast_shapes(*(t.shape[:-1] for t in parts))
+        parts = [t.expand(*batch, t.shape[-1]) for t in parts]
+        return _TridiagonalFunction.apply(*parts, args[4]), 0
+
 
 def tridiagonal_solve(
     lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, *, method: str = "auto"
@@ -230,8 +240,8 @@ def tridiagonal_solve(
         x = _dense_solve(b_lower, b_diag, b_upper, b_rhs)
     else:
         x = _TridiagonalFunction.apply(b_lower, b_diag, b_upper, b_rhs, method)
-    if not bool(torch.isfinite(x).all()) and bool(
-        torch.isfinite(diag).all() & torch.isfinite(rhs).all()
+    if not bool(plain(torch.isfinite(x)).all()) and bool(
+        plain(torch.isfinite(diag)).all() & plain(torch.isfinite(rhs)).all()
     ):
         warnings.warn(
             "tridiagonal_solve: the solution has non-finite entries: the matrix is singular, "
