@@ -434,9 +434,9 @@ def _truncated_pruned(
     idx = ok.nonzero().squeeze(-1)
 
     def sel(t: Tensor) -> Tensor:
-        return t if all_ok else t[idx]
+        return t if all_ok or t.dim() == 0 else t[idx]
 
-    s_ok, a_ok = sel(s), (a if a.dim() == 0 or all_ok else a[idx])
+    s_ok, a_ok = sel(s), sel(a)
     start_l, n_l, start_r, n_r, end_l = map(sel, (start_l, n_l, start_r, n_r, end_l))
     k_l, k_r = max(1, int(n_l.max())), max(1, int(n_r.max()))
     col_l = torch.arange(k_l, device=dev)
