@@ -229,6 +229,49 @@ def truncated_window_costs(
     return best, index
 
 
+def truncated_histogram(
+    s: Tensor, o: Tensor, h: Tensor, bins: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Histogram of ``q = (s − o) / h`` on ``bins`` unit bins, with two overflow bins.
+
+    Bin ``k + 1`` holds ``k ≤ q < k + 1`` for ``0 ≤ k < bins``; bin 0 holds ``q < 0`` (and
+    NaN), bin ``bins + 1`` holds ``q ≥ bins``. Returns the counts and, over the regular bins,
+    the sums of the local coordinate ``l = q − k − 1/2`` and of ``l²`` (0 in the overflow
+    bins); each ``(M, bins + 2)``.
+    """
+    q = torch.nan_to_num((s - o) / h, nan=-1.0, posinf=float(bins), neginf=-1.0)
+    q = q.clamp(-1.0, float(bins))
+    fl = q.floor()
+    idx = (fl + 1).to(torch.int64)
+    regular = (fl >= 0) & (fl < bins)
+    local = torch.where(regular, q - fl - 0.5, 0.0)
+    shape = (s.shape[0], bins + 2)
+    cnt = torch.zeros(shape, dtype=s.dtype, device=s.device).scatter_add_(
+        1, idx, torch.ones_like(s)
+    )
+    s1 = torch.zeros(shape, dtype=s.dtype, device=s.device).scatter_add_(1, idx, local)
+    s2 = torch.zeros(shape, dtype=s.dtype, device=s.device).scatter_add_(1, idx, local * local)
+    return cnt, s1, s2
+
+
+def truncated_objective(x: Tensor, u: Tensor, a: Tensor) -> Tensor:
+    """``Σ_i min(t_i², 1)`` (twice the truncated-quadratic objective over ``α²``), summed in
+    float64; ``(M, 1)``."""
+    t = (u - x) / a
+    return torch.clamp_max(t * t, 1.0).sum(-1, keepdim=True, dtype=torch.float64)
+
+
+def truncated_range_sums(
+    s: Tensor, begin: Tensor, end: Tensor, ref: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Σ d and Σ d² over the columns ``begin ≤ j < end`` of ``d = (s − ref) / α``, in float64
+    (``ref`` and ``a`` float64); each ``(M, 1)``."""
+    col = torch.arange(s.shape[-1], device=s.device)
+    inside = (col >= begin) & (col < end)
+    d = torch.where(inside, (s.to(torch.float64) - ref) / a, 0.0)
+    return d.sum(-1, keepdim=True), (d * d).sum(-1, keepdim=True)
+
+
 def huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
     """``scale · 1[|y − x_i| ≤ α]``, shape ``(M, n)``."""
     return scale * ((y - x).abs() <= a).to(x.dtype)
@@ -257,6 +300,9 @@ _EAGER: dict[str, Callable[..., object]] = {
         window_grad,
         truncated_prefix_sums,
         truncated_window_costs,
+        truncated_histogram,
+        truncated_objective,
+        truncated_range_sums,
     )
 }
 

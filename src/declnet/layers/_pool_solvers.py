@@ -254,29 +254,249 @@ def _solve_welsch(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) ->
 
 _TRUNCATED_BLOCK = 1 << 18  # elements per block of rows in the truncated-quadratic solver
 _TRUNCATED_MEDIAN_SPREAD = 1024.0  # (max − min) / α up to which the median is the reference
+# Pruning (see _truncated_pruned): bins of width α / _PRUNE_BINS_PER_ALPHA cover the median
+# ± _PRUNE_HALF_RANGE α; rows of fewer than _PRUNE_MIN_N elements, or whose bands hold more
+# than _PRUNE_MAX_BAND n elements, use the full enumeration.
+_PRUNE_BINS_PER_ALPHA = 16
+_PRUNE_HALF_RANGE = 4
+_PRUNE_MIN_N = 64
+_PRUNE_MAX_BAND = 0.25
+_PRUNE_BLOCK = 1 << 18  # elements per block of rows of the pruned enumeration
 
 
 def _solve_truncated(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The truncated-quadratic solver by blocks of rows (see :func:`_solve_truncated_block`).
+    """The truncated-quadratic solver: the pruned enumeration (:func:`_truncated_pruned`)
+    where it certifies its answer, the full one (:func:`_solve_truncated_block`) elsewhere.
 
-    The solver makes about ten temporaries as large as its input; in blocks of about 2**18
-    elements they stay in cache and the allocator reuses them, which is 1.5-3x faster on
-    CPU than one pass over a large input. The blocks are independent and few (the loop is
-    over blocks of thousands of rows, never over single rows).
+    The full enumeration runs by blocks of rows: it makes about ten temporaries as large as
+    its input; in blocks of about 2**18 elements they stay in cache and the allocator reuses
+    them, which is 1.5-3x faster on CPU than one pass over a large input. The blocks are
+    independent and few (the loop is over blocks of thousands of rows, never over single
+    rows).
     """
+    m, n = x.shape
+    s = _sorted_rows(x)
+    if n >= _PRUNE_MIN_N:
+        rows = max(1, _PRUNE_BLOCK // n)
+        if m <= rows:
+            ok, pruned = _truncated_pruned(x, s, a, x)
+        else:
+            parts = [
+                _truncated_pruned(
+                    x[i : i + rows], s[i : i + rows], a if a.dim() == 0 else a[i : i + rows], x
+                )
+                for i in range(0, m, rows)
+            ]
+            ok = torch.cat([p[0] for p in parts])
+            pruned = tuple(torch.cat(t, 0) for t in zip(*(p[1] for p in parts)))
+        n_ok = int(ok.sum())
+        if n_ok == m:
+            return pruned
+        if n_ok:
+            rest = (~ok).nonzero().squeeze(-1)
+            full = _solve_truncated_full(x[rest], s[rest], _rows(a, rest), x)
+            out = tuple(t.clone() for t in pruned)
+            for o, f in zip(out, full):
+                o[rest] = f
+            return out  # type: ignore[return-value]
+    return _solve_truncated_full(x, s, a, x)
+
+
+def _solve_truncated_full(
+    x: Tensor, s: Tensor, a: Tensor, whole: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_solve_truncated_block` by blocks of rows (``s``: the rows of ``x`` sorted)."""
     m, n = x.shape
     rows = max(1, _TRUNCATED_BLOCK // max(n, 1))
     if m <= rows:
-        return _solve_truncated_block(x, a, x)
+        return _solve_truncated_block(x, s, a, whole)
     parts = [
-        _solve_truncated_block(x[i : i + rows], a if a.dim() == 0 else a[i : i + rows], x)
+        _solve_truncated_block(
+            x[i : i + rows], s[i : i + rows], a if a.dim() == 0 else a[i : i + rows], whole
+        )
         for i in range(0, m, rows)
     ]
     return tuple(torch.cat(p, 0) for p in zip(*parts))  # type: ignore[return-value]
 
 
+def _first_true(mask: Tensor) -> Tensor:
+    """Column of the first True of each row of ``mask (M, k)`` (0 if none); ``(M, 1)``."""
+    return mask.to(torch.int8).argmax(-1, keepdim=True)
+
+
+def _truncated_pruned(
+    x: Tensor, s: Tensor, a: Tensor, whole: Tensor
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The truncated-quadratic minimum, enumerating only the windows the minimiser can have.
+
+    With ``K = _PRUNE_BINS_PER_ALPHA`` and bins of width ``h = α/K`` around the median, a
+    histogram (counts, and sums of the position inside the bin and of its square) bounds the
+    objective below on every bin ``b``: points at most ``K − 1`` bins away are inliers for
+    every ``u`` in ``b`` (their exact quadratic, minimised over the bin), points ``K`` bins
+    away cost at least ``((K − 1)/K)² α²/2``, farther ones exactly ``α²/2``. The objective
+    at the best bin's minimiser, evaluated exactly, bounds the minimum above; the bins whose
+    lower bound exceeds it cannot hold the minimiser. For ``u`` in the remaining interval
+    ``U`` of bins, a point is an inlier for every ``u`` (core), an outlier for every ``u``
+    (far), or in one of two bands of width ``|U| + 2h`` around ``U ± α``: only the windows
+    ``core ∪ (a suffix of the lower band) ∪ (a prefix of the upper band)`` are enumerated,
+    with the same exit/entry order as the full enumeration (a merge of the lower band
+    shifted by ``2α`` with the upper band). Every enumerated window is a set of points, so
+    its cost is at least the minimum, which it attains: the result is the global minimum.
+
+    Returns ``ok (M,)`` (rows the bounds certify, all finite) and for those rows what
+    :func:`_solve_truncated_block` returns (other rows hold placeholders).
+    """
+    m, n = x.shape
+    dev, dt = x.device, x.dtype
+    k_bins, nb = _PRUNE_BINS_PER_ALPHA, 2 * _PRUNE_HALF_RANGE * _PRUNE_BINS_PER_ALPHA
+    af = a.to(dt)
+    h = af / k_bins
+    origin = s[:, (n - 1) // 2 : (n - 1) // 2 + 1] - (nb // 2) * h
+    cnt, s1, s2 = kernel("truncated_histogram", whole)(s, origin, h, nb)  # type: ignore[misc]
+    cnt, s1, s2 = cnt.double(), s1.double(), s2.double()
+    creg, s1, s2 = cnt[:, 1 : nb + 1], s1[:, 1 : nb + 1], s2[:, 1 : nb + 1]
+    n_lo, n_hi = cnt[:, :1], cnt[:, nb + 1 :]
+    mid = torch.arange(nb, device=dev, dtype=torch.float64) + 0.5
+
+    def window(v: Tensor, lo: int, hi: int) -> Tensor:
+        """Σ over bins kb + lo ≤ k ≤ kb + hi (clipped to the regular bins), for each kb."""
+        c = torch.nn.functional.pad(torch.nn.functional.pad(v, (-lo, hi)).cumsum(-1), (1, 0))
+        return c[:, hi - lo + 1 : hi - lo + 1 + nb] - c[:, :nb]
+
+    # Bin kb: u = origin + h v, v in [kb, kb + 1]; a point of bin k at origin + h (k + ½ + l).
+    # Inner sum of (v − k − ½ − l)² = A v² − 2 B1 v + B2 (in units of h²).
+    b0 = window(creg, -k_bins + 1, k_bins - 1)
+    b1 = window(creg * mid + s1, -k_bins + 1, k_bins - 1)
+    b2 = window(creg * mid * mid + 2 * mid * s1 + s2, -k_bins + 1, k_bins - 1)
+    kb = torch.arange(nb, device=dev, dtype=torch.float64)
+    # Points K bins above, at u + h (K + ½ + l − w) for v = kb + w: min(t², 1) ≥ 1 − 2(1 − t)₊
+    # and (1 − t)₊ ≤ w (½ − l) / K (the chord of a convex function of l ∈ [−½, ½]); K bins
+    # below, min(t², 1) ≥ 1 − 2 (1 − w) (½ + l) / K. Both are linear in v: c0 + c1 v.
+    up_c = window(creg, k_bins, k_bins)
+    up_l = window(s1, k_bins, k_bins)
+    dn_c = window(creg, -k_bins, -k_bins)
+    dn_l = window(s1, -k_bins, -k_bins)
+    up_slope = (up_c - 2 * up_l) / k_bins  # the bound is up_c − up_slope w
+    dn_slope = (dn_c + 2 * dn_l) / k_bins  # the bound is dn_c − dn_slope (1 − w)
+    # Σ min(t², 1) ≥ (b0 v² − 2 b1 v + b2) / K² + (up_c + dn_c − dn_slope) + (dn_slope −
+    # up_slope) (v − kb) + far, minimised over v in [kb, kb + 1].
+    lin = (dn_slope - up_slope) * k_bins**2 / 2
+    vb = b1 - lin  # the vertex of b0 v² − 2 (b1 − lin) v
+    v = torch.where(b0 > 0, vb / b0.clamp_min(1), kb + 0.5).clamp(kb, kb + 1)
+    quad = (b0 * v * v - 2 * b1 * v + b2).clamp_min(0) / k_bins**2
+    total_reg = creg.sum(-1, keepdim=True)
+    far = total_reg - b0 - up_c - dn_c
+    far = far + torch.where(kb >= k_bins, n_lo, 0.0) + torch.where(kb <= nb - 1 - k_bins, n_hi, 0.0)
+    edge = up_c + dn_c - dn_slope + (dn_slope - up_slope) * (v - kb)
+    lower = quad + edge.clamp_min(0) + far  # ≤ Σ min(t², 1) for u in bin kb
+    best = lower.argmin(-1, keepdim=True)
+    u0 = origin + h * v.gather(1, best).to(dt)
+    finite = torch.isfinite(x.sum(-1, keepdim=True))
+    # The objective there, summed in float64 (relative error ≤ n eps), and a margin for the
+    # rounding of the histogram's coordinates and float32 sums.
+    f_up = kernel("truncated_objective", whole)(x, u0, a)  # type: ignore[operator]
+    f_up = f_up * (1 + 1e-5) + 1e-3 + 1e-4 * (n * _finfo(x).eps / 1.2e-7)
+    feasible = lower <= f_up
+    kmin = _first_true(feasible)
+    kmax = nb - 1 - _first_true(feasible.flip(-1))
+    # u outside the regular bins: points K bins in are farther than α from it.
+    cum = torch.nn.functional.pad(creg.cumsum(-1), (1, 0))
+    left_out = total_reg - cum[:, k_bins : k_bins + 1] + n_hi
+    right_out = cum[:, nb - k_bins : nb - k_bins + 1] + n_lo
+    ok = (
+        finite
+        & torch.isfinite(f_up)
+        & feasible.any(-1, keepdim=True)
+        & (kmin >= k_bins + 1)
+        & (kmax <= nb - k_bins - 2)
+        & (kmax - kmin < 2 * k_bins - 2)
+        & (left_out > f_up)
+        & (right_out > f_up)
+    )
+    # Index ranges in s: the lower band holds bins [kmin − K − 1, kmax − K + 1], the upper
+    # band bins [kmin + K − 1, kmax + K + 1], the core the bins between them.
+    start = (n_lo + cum).to(torch.int64)  # first index of regular bin k (k ≤ nb)
+
+    def at(k: Tensor) -> Tensor:
+        return start.gather(1, k.clamp(0, nb))
+
+    start_l, end_l = at(kmin - k_bins - 1), at(kmax - k_bins + 2)
+    start_r, end_r = at(kmin + k_bins - 1), at(kmax + k_bins + 2)
+    n_l, n_r = end_l - start_l, end_r - start_r
+    cap = max(1, int(_PRUNE_MAX_BAND * n))
+    ok &= (n_l <= cap) & (n_r <= cap)
+    ok = ok.squeeze(-1)
+    y = torch.zeros(m, 1, dtype=dt, device=dev)
+    placeholder = (y, y, y, y)
+    if not bool(ok.any()):
+        return ok, placeholder
+    all_ok = bool(ok.all())
+    idx = ok.nonzero().squeeze(-1)
+
+    def sel(t: Tensor) -> Tensor:
+        return t if all_ok or t.dim() == 0 else t[idx]
+
+    s_ok, a_ok = sel(s), sel(a)
+    start_l, n_l, start_r, n_r, end_l = map(sel, (start_l, n_l, start_r, n_r, end_l))
+    k_l, k_r = max(1, int(n_l.max())), max(1, int(n_r.max()))
+    col_l = torch.arange(k_l, device=dev)
+    col_r = torch.arange(k_r, device=dev)
+    valid_l, valid_r = col_l < n_l, col_r < n_r
+    low = torch.where(valid_l, s_ok.gather(1, (start_l + col_l).clamp_max(n - 1)), math.inf)
+    up = torch.where(valid_r, s_ok.gather(1, (start_r + col_r).clamp_max(n - 1)), math.inf)
+    ref = (sel(origin).double() + sel(h).double() * (sel(kmin) + sel(kmax) + 1) / 2).to(
+        torch.float64
+    )
+    a64 = a_ok.to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    d_l = torch.where(valid_l, (low.double() - ref) / a64, zero)
+    d_r = torch.where(valid_r, (up.double() - ref) / a64, zero)
+    pl1 = torch.nn.functional.pad(d_l.cumsum(-1), (1, 0))
+    pl2 = torch.nn.functional.pad((d_l * d_l).cumsum(-1), (1, 0))
+    pr1 = torch.nn.functional.pad(d_r.cumsum(-1), (1, 0))
+    pr2 = torch.nn.functional.pad((d_r * d_r).cumsum(-1), (1, 0))
+    c1, c2 = kernel("truncated_range_sums", whole)(s_ok, end_l, start_r, ref, a64)  # type: ignore[misc]
+    n_c = start_r - end_l
+    # Merge the exits (lower band + 2α) with the entries (upper band); on a tie the entry
+    # comes first, as in the full enumeration.
+    merged = torch.cat([up, low + 2 * a_ok.to(dt)], -1)
+    perm = torch.from_numpy(
+        np.argsort(merged.cpu().numpy(), axis=-1, kind="stable")
+    ).to(dev)
+    is_exit = perm >= k_r
+    exits_so_far = is_exit.cumsum(-1)
+    pos = torch.arange(k_r + k_l, device=dev)
+    counted = torch.where(is_exit, pos + 1 - exits_so_far, exits_so_far)
+    counts = torch.empty_like(counted).scatter_(1, perm, counted)
+    exits_before_entry, entries_before_exit = counts[:, :k_r], counts[:, k_r:]
+    # Candidate windows (i exits, j entries): none yet, after each exit, after each entry.
+    rows_ok = s_ok.shape[0]
+    none = torch.zeros(rows_ok, 1, dtype=torch.int64, device=dev)
+    i_all = torch.cat([none, (col_l + 1).expand(rows_ok, k_l), exits_before_entry], -1)
+    j_all = torch.cat([none, entries_before_exit, (col_r + 1).expand(rows_ok, k_r)], -1)
+    valid = torch.cat([none == 0, valid_l, valid_r], -1)
+    sum1 = c1 + pl1.gather(1, n_l) - pl1.gather(1, i_all) + pr1.gather(1, j_all)
+    sum2 = c2 + pl2.gather(1, n_l) - pl2.gather(1, i_all) + pr2.gather(1, j_all)
+    size = (n_c + n_l - i_all + j_all).to(torch.float64)
+    cost = (sum2 - sum1 * sum1 / size.clamp_min(1)).clamp_min(0) + (n - size)
+    cost = torch.where(valid & (size > 0), cost, math.inf)
+    pick = cost.argmin(-1, keepdim=True)
+    begin = start_l + i_all.gather(1, pick)
+    end = start_r + j_all.gather(1, pick)
+    lo = s_ok.gather(1, begin.clamp(0, n - 1))
+    hi = s_ok.gather(1, (end - 1).clamp(0, n - 1))
+    total, count = kernel("window_sums", whole)(sel(x), lo, hi)  # type: ignore[misc]
+    result = (total / count, lo, hi, count)
+    if all_ok:
+        return ok, result
+    out = tuple(torch.zeros(m, 1, dtype=dt, device=dev) for _ in range(4))
+    for o, r in zip(out, result):
+        o[idx] = r
+    return ok, out  # type: ignore[return-value]
+
+
 def _solve_truncated_block(
-    x: Tensor, a: Tensor, whole: Tensor
+    x: Tensor, s: Tensor, a: Tensor, whole: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Exact global minimum of ``Σ_i min((u − x_i)², α²)/2`` by enumerating inlier windows.
 
@@ -292,7 +512,6 @@ def _solve_truncated_block(
     ``(M, 1)``. When several windows tie, which one is returned is unspecified.
     """
     m, n = x.shape
-    s = _sorted_rows(x)
     reach = s + 2 * a
     # The prefix sums are of d = (s − ref) / α in float64. With ref the row's median, their
     # rounding error is about n (range / α)² 2^-52 in units of α², negligible while the
