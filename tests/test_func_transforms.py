@@ -233,6 +233,38 @@ def test_parameter_gradients_and_tangents():
     torch.testing.assert_close(tv, loop, rtol=1e-10, atol=1e-12)
 
 
+def test_buffers_passed_to_functional_call_are_differentiated():
+    """A buffer given to functional_call under grad/jvp gets its derivative (never a silent
+    zero); plain autograd differentiates a buffer that requires grad (first order)."""
+    node = dt.QuadraticNode(3, 4)  # W and Q are buffers
+    x = rand(3, 3)
+    W = node.W.clone()
+
+    def closed_form(W):
+        return torch.linalg.solve(node.Q, (x @ W.T).T).T
+
+    def run(W, x=x):
+        return torch.func.functional_call(node, {"W": W}, (x,))
+
+    Wr = W.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(closed_form(Wr).pow(2).sum(), Wr)
+    torch.testing.assert_close(torch.func.grad(lambda W: run(W).pow(2).sum())(W), expected)
+    dW = rand(*W.shape, seed=1)
+    _, t = torch.func.jvp(run, (W,), (dW,))
+    torch.testing.assert_close(t, torch.func.jvp(closed_form, (W,), (dW,))[1])
+    ps = torch.func.vmap(torch.func.grad(lambda W, xi: run(W, xi[None]).pow(2).sum()),
+                         in_dims=(None, 0))(W, x)
+    loop = torch.stack([torch.autograd.grad(
+        torch.linalg.solve(node.Q, (x[i:i + 1] @ Wr.T).T).T.pow(2).sum(), Wr)[0]
+        for i in range(3)])
+    torch.testing.assert_close(ps, loop)
+    node.W.requires_grad_(True)
+    (g,) = torch.autograd.grad(node(x).pow(2).sum(), node.W)
+    torch.testing.assert_close(g, expected)
+    with pytest.raises(RuntimeError, match="buffers"):
+        torch.autograd.grad(node(x).pow(2).sum(), node.W, create_graph=True)
+
+
 def test_shared_0d_input():
     node = Shared()
     x, s = rand(3, 4), torch.tensor(0.7, dtype=F64)

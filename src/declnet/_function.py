@@ -19,13 +19,14 @@ class _Holder:
     """Carries the solution from ``forward`` to ``setup_context`` (and, when set before the
     call, re-attaches a known solution to the inputs without solving again)."""
 
-    __slots__ = ("low", "mode", "param_names", "solution")
+    __slots__ = ("buffer_names", "low", "mode", "param_names", "solution")
 
     def __init__(self) -> None:
         self.solution: Any = None
         self.mode: Any = None
         self.low: torch.dtype | None = None
         self.param_names: list[str] = []
+        self.buffer_names: frozenset[str] = frozenset()
 
 
 class _Params:
@@ -164,9 +165,14 @@ class DeclarativeFunction(torch.autograd.Function):
         holder = _Holder()
         named: list[tuple[str, Tensor]] = []
         if isinstance(node, torch.nn.Module):
+            # Parameters, and buffers that are differentiated (e.g. passed to
+            # torch.func.functional_call under torch.func.grad): without them here their
+            # gradient would silently be zero.
             grad = torch.is_grad_enabled()
-            named = [(n, p) for n, p in node.named_parameters()
+            buffers = [(n, b) for n, b in node.named_buffers() if b.is_floating_point()]
+            named = [(n, p) for n, p in [*node.named_parameters(), *buffers]
                      if (grad and p.requires_grad) or _has_tangent(p)]
+            holder.buffer_names = frozenset(n for n, _ in buffers)
         if named:
             holder.param_names = [n for n, _ in named]
             return super().apply(node, holder, *xs, _PARAMS, *(p for _, p in named))
@@ -202,6 +208,7 @@ class DeclarativeFunction(torch.autograd.Function):
         ctx.mode = holder.mode
         ctx.solution = holder.solution
         ctx.param_names = list(holder.param_names)
+        ctx.buffer_names = holder.buffer_names
         ctx.n_xs = len(xs)
         ctx.has_marker = len(args) > len(xs)
         ctx.non_tensors = {i: x for i, x in enumerate(xs) if not isinstance(x, Tensor)}
@@ -295,6 +302,15 @@ class DeclarativeFunction(torch.autograd.Function):
             grad_y = grad_y.float()
             y = sol.y
         if create_graph:
+            buffers = [n for n, ng in zip(ctx.param_names, need_params)
+                       if ng and n in ctx.buffer_names]
+            if buffers:
+                raise RuntimeError(
+                    f"{node_name(ctx.node)}: double backward (create_graph=True) with respect "
+                    f"to the node's buffers {buffers}, which require grad, is not supported; "
+                    "register them as nn.Parameter instead (first derivatives of buffers "
+                    "work)."
+                )
             attach = [*xs, _PARAMS, *params] if params else list(xs)
             y = DeclarativeFunction.forward_cached(ctx.node, sol, attach, ctx.param_names)
         with _no_autocast([y]):
