@@ -97,10 +97,16 @@ def test_vmap_over_a_node_folds_into_the_batch():
     torch.testing.assert_close(torch.func.vmap(node, in_dims=1)(x.detach().transpose(0, 1)), y)
 
 
-def test_torch_func_grad_is_a_clear_error():
+def test_torch_func_second_derivative_is_a_clear_error():
+    """First derivatives work under torch.func (tests/test_func_transforms.py); a second
+    one by nested transforms raises instead of returning wrong numbers."""
     node = dt.UnitSphereProjection()
+    f = torch.func.grad(lambda z: node(z.unsqueeze(0)).sum())
+    z = rand(4).requires_grad_(True)
+    (expected,) = torch.autograd.grad(node(z.unsqueeze(0)).sum(), z)
+    torch.testing.assert_close(f(z.detach()), expected)
     with pytest.raises(RuntimeError, match=r"torch\.func"):
-        torch.func.grad(lambda z: node(z.unsqueeze(0)).sum())(rand(4))
+        torch.func.grad(lambda z: f(z).sum())(rand(4))
 
 
 @pytest.mark.slow
