@@ -5,12 +5,28 @@ from __future__ import annotations
 import torch
 
 import declnet
+from declnet import testing as dt
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
     """A seeded standard normal tensor (float64 draws, then cast)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+#: Every node kind as (id, make node, make a float64 input): the shared cases of the
+#: autograd-feature tests (double backward, torch.func).
+NODE_KINDS = [
+    ("unconstrained", lambda: dt.QuadraticNode(3, 4), lambda: rand(2, 3)),
+    ("nonlinear", lambda: dt.PolynomialNode(3, 4), lambda: rand(2, 3)),
+    ("equality", lambda: dt.UnitSphereProjection(), lambda: rand(2, 4)),
+    ("inequality_active", lambda: dt.L2BallProjection(1.0), lambda: 3 * rand(2, 4)),
+    ("inequality_inactive", lambda: dt.L2BallProjection(100.0), lambda: rand(2, 4)),
+    ("linear_equality", lambda: dt.MinKLOnSimplex(4), lambda: rand(2, 4)),
+    ("mixed_active_inactive", lambda: dt.BallHalfspaceProjection(),
+     lambda: torch.tensor([[-0.5, 2.0, 1.0, 0.3, -0.2], [0.4, 0.1, -0.2, 0.3, 0.1]],
+                          dtype=torch.float64)),
+]
 
 
 class ScaledQuadratic(declnet.DeclarativeNode):

@@ -6,21 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _problems import rand
+from _problems import NODE_KINDS, rand
 from declnet import testing as dt
 
 F64 = torch.float64
 
-NODES = [
-    ("unconstrained", lambda: dt.QuadraticNode(3, 4), lambda: rand(2, 3)),
-    ("nonlinear", lambda: dt.PolynomialNode(3, 4), lambda: rand(2, 3)),
-    ("equality", lambda: dt.UnitSphereProjection(), lambda: rand(2, 4)),
-    ("inequality_active", lambda: dt.L2BallProjection(1.0), lambda: 3 * rand(2, 4)),
-    ("inequality_inactive", lambda: dt.L2BallProjection(100.0), lambda: rand(2, 4)),
-    ("linear_equality", lambda: dt.MinKLOnSimplex(4), lambda: rand(2, 4)),
-    ("mixed_active_inactive", lambda: dt.BallHalfspaceProjection(),
-     lambda: torch.tensor([[-0.5, 2.0, 1.0, 0.3, -0.2], [0.4, 0.1, -0.2, 0.3, 0.1]], dtype=F64)),
-]
+NODES = NODE_KINDS
 
 
 @pytest.mark.parametrize("case", NODES, ids=[c[0] for c in NODES])

@@ -11,9 +11,8 @@ from torch.autograd import forward_ad as fwAD
 
 import declnet
 import declnet._transforms as transforms
-from _problems import EntropicTransport, rand
+from _problems import NODE_KINDS, EntropicTransport, rand
 from declnet import testing as dt
-from declnet._implicit import implicit_jvp
 
 F64 = torch.float64
 
@@ -29,14 +28,7 @@ class Shared(declnet.DeclarativeNode):
 
 
 NODES = [
-    ("unconstrained", lambda: dt.QuadraticNode(3, 4), lambda: rand(2, 3)),
-    ("nonlinear", lambda: dt.PolynomialNode(3, 4), lambda: rand(2, 3)),
-    ("equality", lambda: dt.UnitSphereProjection(), lambda: rand(2, 4)),
-    ("inequality_active", lambda: dt.L2BallProjection(1.0), lambda: 3 * rand(2, 4)),
-    ("inequality_inactive", lambda: dt.L2BallProjection(100.0), lambda: rand(2, 4)),
-    ("linear_equality", lambda: dt.MinKLOnSimplex(4), lambda: rand(2, 4)),
-    ("mixed_active_inactive", lambda: dt.BallHalfspaceProjection(),
-     lambda: torch.tensor([[-0.5, 2.0, 1.0, 0.3, -0.2], [0.4, 0.1, -0.2, 0.3, 0.1]], dtype=F64)),
+    *NODE_KINDS,
     # m = 70 > dense_max_size: the matrix-free (CG) backward and forward solves
     ("matrix_free", lambda: dt.PolynomialNode(3, 70), lambda: rand(2, 3)),
 ]
@@ -134,7 +126,7 @@ def test_jvp_and_dual_numbers_match_the_jacobian_and_finite_differences(case):
     with fwAD.dual_level():
         t_dual = fwAD.unpack_dual(node(fwAD.make_dual(x, dx))).tangent
     torch.testing.assert_close(t_dual, t, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(implicit_jvp(node, x, y=y, tangents=[dx]), t, rtol=1e-12,
+    torch.testing.assert_close(declnet.implicit_jvp(node, x, y=y, tangents=[dx]), t, rtol=1e-12,
                                atol=1e-14)
 
 
@@ -391,3 +383,24 @@ def test_is_grads_batched_is_a_clear_error():
     y = node(x)
     with pytest.raises(RuntimeError, match="is_grads_batched"):
         torch.autograd.grad(y, x, torch.ones(3, 2, 4, dtype=F64), is_grads_batched=True)
+
+
+def test_implicit_jvp_and_vjp_are_adjoint_and_check_their_arguments():
+    node, x = dt.PolynomialNode(3, 4), rand(2, 3)
+    y = node(x)
+    t, v = rand(2, 3, seed=1), rand(2, 4, seed=2)
+    dy = declnet.implicit_jvp(node, x, y=y, tangents=[t])
+    (gx,) = declnet.implicit_vjp(node, x, y=y, grad_y=v, wrt=[True])
+    torch.testing.assert_close((dy * v).sum(), (gx * t).sum())
+    with pytest.raises(ValueError, match=r"tangent of input 0 must have the shape of input 0"):
+        declnet.implicit_jvp(node, x, y=y, tangents=[t[:, :2]])
+    with pytest.raises(TypeError, match=r"tangent of input 0 must be a tensor"):
+        declnet.implicit_jvp(node, x, y=y, tangents=[1.0])
+    with pytest.raises(ValueError, match=r"one entry per input \(1\), got 2"):
+        declnet.implicit_jvp(node, x, y=y, tangents=[t, t])
+    with pytest.raises(ValueError, match=r"grad_y must have the shape of y \(2, 4\), got"):
+        declnet.implicit_vjp(node, x, y=y, grad_y=v[:1])
+    with pytest.raises(TypeError, match=r"grad_y must be a tensor shaped like y, got list"):
+        declnet.implicit_vjp(node, x, y=y, grad_y=[0.0])
+    with pytest.raises(TypeError, match=r"y must be a tensor, got float"):
+        declnet.implicit_vjp(node, x, y=1.0, grad_y=v)

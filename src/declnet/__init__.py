@@ -9,7 +9,7 @@ back-propagating through the solver.
 from . import layers, solvers, testing
 from ._diagnostics import DeclarativeWarning, OptimalityResidual
 from ._function import DeclarativeFunction
-from ._implicit import implicit_vjp, optimality_residual
+from ._implicit import implicit_jvp, implicit_vjp, optimality_residual
 from ._modes import ImplicitBackward, UnrolledBackward
 from ._node import (
     DeclarativeNode,
@@ -89,6 +89,7 @@ __all__ = [
     "declarative",
     "eigenvectors",
     "entmax",
+    "implicit_jvp",
     "implicit_vjp",
     "layers",
     "least_squares",

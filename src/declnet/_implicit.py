@@ -35,6 +35,16 @@ def _options(node: Any, backward: ImplicitBackward | None) -> ImplicitBackward:
     return mode if isinstance(mode, ImplicitBackward) else ImplicitBackward()
 
 
+
+def _check_like(fn: str, name: str, value: Any, of: str, like: Tensor) -> None:
+    """Raise a clear error unless ``value`` is a tensor shaped like ``like``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor shaped like {of}, got "
+                        f"{type(value).__name__}.")
+    if value.shape != like.shape:
+        raise ValueError(f"{fn}: {name} must have the shape of {of} {tuple(like.shape)}, "
+                         f"got {tuple(value.shape)}.")
+
 def implicit_vjp(
     node: Any,
     *xs: Any,
@@ -75,16 +85,9 @@ def implicit_vjp(
         >>> y = node(x)
         >>> (gx,) = declnet.implicit_vjp(node, x, y=y, grad_y=torch.ones_like(y))
     """
-    if not isinstance(y, Tensor) or not isinstance(grad_y, Tensor):
-        raise TypeError(
-            f"implicit_vjp: y and grad_y must be tensors, got {type(y).__name__} and "
-            f"{type(grad_y).__name__}."
-        )
-    if grad_y.shape != y.shape:
-        raise ValueError(
-            f"implicit_vjp: grad_y must have the shape of y {tuple(y.shape)}, got "
-            f"{tuple(grad_y.shape)}."
-        )
+    if not isinstance(y, Tensor):
+        raise TypeError(f"implicit_vjp: y must be a tensor, got {type(y).__name__}.")
+    _check_like("implicit_vjp", "grad_y", grad_y, "y", y)
     need = None
     if wrt is not None:
         if len(wrt) != len(xs):
@@ -137,7 +140,7 @@ def implicit_jvp(
 
     Example:
         >>> y = node(x)
-        >>> dy = declnet._implicit.implicit_jvp(node, x, y=y, tangents=[torch.ones_like(x)])
+        >>> dy = declnet.implicit_jvp(node, x, y=y, tangents=[torch.ones_like(x)])
     """
     if not isinstance(y, Tensor):
         raise TypeError(f"implicit_jvp: y must be a tensor, got {type(y).__name__}.")
@@ -157,16 +160,12 @@ def implicit_jvp(
         for i, (x, t) in enumerate(zip(values, tans)):
             if t is None:
                 continue
-            if not isinstance(t, Tensor) or not isinstance(x, Tensor):
+            if not isinstance(x, Tensor):
                 raise TypeError(
-                    f"implicit_jvp: the tangent of {what} {i} must be a tensor for a tensor "
-                    f"{what}, got {type(t).__name__} for a {type(x).__name__}."
+                    f"implicit_jvp: {what} {i} is a {type(x).__name__}, not a tensor: it "
+                    "cannot have a tangent; pass None for it."
                 )
-            if t.shape != x.shape:
-                raise ValueError(
-                    f"implicit_jvp: the tangent of {what} {i} must have its shape "
-                    f"{tuple(x.shape)}, got {tuple(t.shape)}."
-                )
+            _check_like("implicit_jvp", f"the tangent of {what} {i}", t, f"{what} {i}", x)
     for i, (p, t) in enumerate(zip(params, param_tangents)):
         if t is not None and not p.requires_grad:
             raise ValueError(

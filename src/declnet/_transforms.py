@@ -227,11 +227,33 @@ def _no_autocast(device: torch.device) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-class ImplicitVJP(torch.autograd.Function):
+class _FirstOrder(torch.autograd.Function):
+    """A derivative computed by implicit differentiation, itself not differentiable under
+    ``torch.func``: differentiating it again raises a clear error (never a silent zero).
+    ``apply``'s first argument is the :class:`Spec`; ``_result`` names the derivative."""
+
+    _result = "the derivative"
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.spec = inputs[0]
+
+    @classmethod
+    def backward(cls, ctx: Any, *grads: Any) -> Any:
+        raise _higher_order_error(ctx.spec, f"differentiating {cls._result}")
+
+    @classmethod
+    def jvp(cls, ctx: Any, *tangents: Any) -> Any:
+        raise _higher_order_error(ctx.spec, f"forward-mode differentiation of {cls._result}")
+
+
+class ImplicitVJP(_FirstOrder):
     """``grad_y · Dy`` for ``K`` cotangents: ``apply(spec, grad_y, y, *x_tensors, *params)``
     with ``grad_y`` ``(K, *y.shape)`` and the parameters to differentiate; returns
     ``(K, *t.shape)`` per differentiated input tensor, then per parameter (zeros where the
     node does not depend on it)."""
+
+    _result = "the gradient"
 
     @staticmethod
     def forward(spec: Spec, grad_y: Tensor, y: Tensor,  # type: ignore[override]
@@ -259,18 +281,6 @@ class ImplicitVJP(torch.autograd.Function):
             for (t, g), o in zip(wanted, originals))
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.spec = inputs[0]
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:
-        raise _higher_order_error(ctx.spec, "differentiating the gradient")
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise _higher_order_error(ctx.spec, "forward-mode differentiation of the gradient")
-
-    @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], spec: Spec, grad_y: Tensor, y: Tensor,
              *tensors: Tensor) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         n = spec.n_tensors
@@ -292,10 +302,12 @@ class ImplicitVJP(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 
-class ImplicitJVP(torch.autograd.Function):
+class ImplicitJVP(_FirstOrder):
     """``Dy · ẋ`` for ``K`` directions: ``apply(spec, y, *x_tensors, *params, *tangents)``
     with the parameters that have tangents and one ``(K, *t.shape)`` tangent per input
     tensor with ``spec.need``, then per parameter; returns ``ẏ`` ``(K, *y.shape)``."""
+
+    _result = "the forward-mode derivative"
 
     @staticmethod
     def _split(spec: Spec, tensors: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
@@ -318,18 +330,6 @@ class ImplicitJVP(torch.autograd.Function):
                       solution=sol, params=leaves,
                       param_tangents=_work_precision(spec, p_tans))
         return dy.to(y.dtype)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.spec = inputs[0]
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:
-        raise _higher_order_error(ctx.spec, "differentiating the forward-mode derivative")
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise _higher_order_error(ctx.spec, "forward-mode differentiation of the derivative")
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], spec: Spec, y: Tensor,
