@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_tensor
-from ._functorch import batch_first, plain
+from ._functorch import batch_first, forward_from_backward, plain, save_for_both
 
 __all__ = ["EigenDecomposition", "eigenvectors"]
 
@@ -51,6 +51,7 @@ def _select(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Tensor, T
     return lam, u, lam[..., :k], u[..., :k]
 
 
+@forward_from_backward
 class _EigenFunction(torch.autograd.Function):
     """The full decomposition ``(λ, U)`` of symmetric ``X`` (ordered, signs fixed), both
     differentiable outputs.
@@ -69,7 +70,7 @@ class _EigenFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        ctx.save_for_backward(*output)
+        save_for_both(ctx, *output)
 
     @staticmethod
     def backward(ctx: Any, g_lam: Tensor | None, g_u: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -25,7 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_param, check_tensor
-from ._functorch import batch_first, differentiable_backward, plain
+from ._functorch import (
+    batch_first,
+    differentiable_backward,
+    forward_from_backward,
+    plain,
+    save_for_both,
+)
 
 __all__ = ["LeastSquares", "least_squares"]
 
@@ -75,6 +81,7 @@ def _factor(a: Tensor, b: Tensor, w: Tensor, ridge: Tensor, pen: Tensor) -> tupl
     return y.squeeze(-1), r
 
 
+@forward_from_backward(outputs=1)
 class _LeastSquaresFunction(torch.autograd.Function):
     """Returns ``(y, R)``; ``R`` (non-differentiable) is kept for the backward.
 
@@ -94,7 +101,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         y, factor = output
         ctx.mark_non_differentiable(factor)
-        ctx.save_for_backward(*inputs, y, factor)
+        save_for_both(ctx, *inputs, y, factor)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor, _: Any) -> tuple[Tensor | None, ...]:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .._diagnostics import DeclarativeWarning
 from ._checks import as_param, check_tensor
-from ._functorch import batch_first, plain
+from ._functorch import batch_first, forward_from_backward, plain, save_for_both
 
 __all__ = ["OptimalTransport", "optimal_transport"]
 
@@ -117,6 +117,7 @@ def transport_vjp(p: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return grad_theta, u, w
 
 
+@forward_from_backward
 class _TransportFunction(torch.autograd.Function):
     """``P`` by Sinkhorn; the backward (:func:`transport_vjp`) is written with
     differentiable operations on the saved output ``P``, so it can be differentiated again
@@ -141,7 +142,7 @@ class _TransportFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         m, _, _, gamma, _, _ = inputs
-        ctx.save_for_backward(m, gamma, output)
+        save_for_both(ctx, m, gamma, output)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:

@@ -34,7 +34,14 @@ from torch import Tensor, nn
 
 from . import _projection_solvers as solvers
 from ._checks import RadiusLike, check_dim, check_kind, check_p, check_radius
-from ._functorch import batch_first, differentiable_backward, transforms_active
+from ._functorch import (
+    batch_first,
+    differentiable_backward,
+    forward_from_backward,
+    has_tangent,
+    save_for_both,
+    transforms_active,
+)
 
 __all__ = [
     "LpProjection",
@@ -81,6 +88,7 @@ def _l2_backward(
     return v * factor - y * (radial * factor), radial * r
 
 
+@forward_from_backward(symmetric=True)
 class _LpProjectionFunction(torch.autograd.Function):
     """y = Π(x) onto an Lp sphere or ball, with a closed-form one-pass backward.
 
@@ -101,7 +109,7 @@ class _LpProjectionFunction(torch.autograd.Function):
         ctx.p, ctx.ball, ctx.dim, ctx.masked = p, ball, dim, masked
         ctx.radius_is_tensor = isinstance(radius, Tensor)
         ctx.radius_float = None if ctx.radius_is_tensor else radius
-        ctx.save_for_backward(x, output, *([radius] if ctx.radius_is_tensor else []))
+        save_for_both(ctx, x, output, *([radius] if ctx.radius_is_tensor else []))
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
@@ -134,7 +142,8 @@ def _project(x: Tensor, p: Any, radius: Any, dim: Any, kind: str, masked: bool) 
     r = check_radius(radius, x, dim)
     ball = kind == "ball"
     needs_grad = x.requires_grad or (isinstance(r, Tensor) and r.requires_grad)
-    if not (needs_grad and torch.is_grad_enabled()) and not transforms_active():
+    if (not (needs_grad and torch.is_grad_enabled()) and not transforms_active()
+            and not has_tangent(x, r)):
         # Nothing to differentiate: skip the autograd.Function and its bookkeeping.
         return _LpProjectionFunction.forward(x, r, p, ball, dim, bool(masked))
     return _LpProjectionFunction.apply(x, r, p, ball, dim, bool(masked))
@@ -239,6 +248,7 @@ def project_onto_ball(
     return _project(x, p, radius, dim, "ball", masked)
 
 
+@forward_from_backward(symmetric=True)
 class _SimplexFunction(torch.autograd.Function):
     """y = argmin_u ½‖u − x‖² s.t. u ≥ 0, Σ u = total."""
 
@@ -251,7 +261,7 @@ class _SimplexFunction(torch.autograd.Function):
         _, total, dim = inputs
         ctx.dim = dim
         ctx.total_is_tensor = isinstance(total, Tensor)
-        ctx.save_for_backward(output, *([total] if ctx.total_is_tensor else []))
+        save_for_both(ctx, output, *([total] if ctx.total_is_tensor else []))
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:

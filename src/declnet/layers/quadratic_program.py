@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._diagnostics import DeclarativeWarning
-from ._functorch import batch_first, differentiable_backward
+from ._functorch import batch_first, differentiable_backward, forward_from_backward, save_for_both
 from ._qp import QPResult, kkt_matrix, kkt_solve, solve_qp
 
 __all__ = ["QuadraticProgram", "QuadraticProgramError", "quadratic_program"]
@@ -98,6 +98,7 @@ def _full(t: Tensor, name: str, batch: int) -> Tensor:
     return t.expand(batch, *t.shape) if t.dim() == _SPEC[name] else t
 
 
+@forward_from_backward(outputs=3)
 class _QPFunction(torch.autograd.Function):
     """``(y, z, ν)`` of the QP (all differentiable outputs) and the final KKT factorisation
     ``(LU, pivots)`` (non-differentiable), kept for the backward.
@@ -130,7 +131,7 @@ class _QPFunction(torch.autograd.Function):
         y, z, nu, lu, piv = output
         ctx.mark_non_differentiable(lu, piv)
         ctx.opts = opts
-        ctx.save_for_backward(Q, G, h, A, y, z, nu, lu, piv)
+        save_for_both(ctx, Q, G, h, A, y, z, nu, lu, piv)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor | None, grad_z: Tensor | None,  # type: ignore[override]

@@ -33,7 +33,13 @@ from . import _pool_ops as pool_ops
 from . import _pool_solvers as pool_solvers
 from . import _vector_pool_solvers as vector_solvers
 from ._checks import DimLike, check_floating, normalise_dims, pool_alpha
-from ._functorch import batch_first, differentiable_backward, plain
+from ._functorch import (
+    batch_first,
+    differentiable_backward,
+    forward_from_backward,
+    plain,
+    save_for_both,
+)
 from .penalties import Penalty, PenaltyLike, Quadratic, as_penalty
 
 __all__ = ["RobustPool", "RobustVectorPool", "robust_pool", "robust_vector_pool"]
@@ -56,6 +62,7 @@ def _restore(y: Tensor, out_shape: tuple[int, ...], dims: tuple[int, ...], keepd
     return y
 
 
+@forward_from_backward(outputs=1)
 class _RobustPoolFunction(torch.autograd.Function):
     """y (M, 1) = argmin_u Σ_i φ(u − x_i; α) for x (M, n); closed-form backward (Table 1).
 
@@ -82,7 +89,7 @@ class _RobustPoolFunction(torch.autograd.Function):
         y, *saved = output
         ctx.pen = pen
         ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(x, alpha, y, *saved)
+        save_for_both(ctx, x, alpha, y, *saved)
 
     @staticmethod
     def backward(ctx, grad_y, *unused):  # type: ignore[no-untyped-def, override]
@@ -316,6 +323,7 @@ def _solve_hessian(hess: Tensor, v: Tensor, what: str) -> Tensor:
     return sol.squeeze(-1)
 
 
+@forward_from_backward
 class _RobustVectorPoolFunction(torch.autograd.Function):
     """y (M, C) = argmin_u Σ_i φ(‖u − x_i‖; α) for x (M, n, C); implicit backward.
 
@@ -336,7 +344,7 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def, override]
         x, alpha, pen = inputs
         ctx.pen = pen
-        ctx.save_for_backward(x, alpha, output)
+        save_for_both(ctx, x, alpha, output)
 
     @staticmethod
     def backward(ctx, v):  # type: ignore[no-untyped-def, override]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_dim, check_tensor
-from ._functorch import batch_first
+from ._functorch import batch_first, forward_from_backward, save_for_both
 
 __all__ = ["Entmax", "Sparsemax", "entmax", "sparsemax"]
 
@@ -125,6 +125,7 @@ def _entmax_vjp(p: Tensor, v: Tensor, alpha: float, dim: int) -> Tensor:
     return sv - s * (sv.sum(dim, keepdim=True) / s.sum(dim, keepdim=True))
 
 
+@forward_from_backward(symmetric=True)
 class _EntmaxFunction(torch.autograd.Function):
     """α-entmax with the closed-form backward (itself differentiable)."""
 
@@ -135,7 +136,7 @@ class _EntmaxFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         _, ctx.alpha, ctx.dim = inputs
-        ctx.save_for_backward(output)
+        save_for_both(ctx, output)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ._checks import as_param, check_dim, check_tensor
 from ._condat import tv1d_condat
-from ._functorch import batch_first
+from ._functorch import batch_first, forward_from_backward, save_for_both
 
 __all__ = ["TotalVariation1d", "total_variation_1d"]
 
@@ -42,6 +42,7 @@ def _group_mean(v: Tensor, group: Tensor, counts: Tensor) -> Tensor:
     return (sums / counts).gather(1, group)
 
 
+@forward_from_backward
 class _TotalVariationFunction(torch.autograd.Function):
     """TV denoising on ``(B, n)`` rows with per-row ``λ`` of shape ``(B,)``.
 
@@ -57,7 +58,7 @@ class _TotalVariationFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         y, group = output
         ctx.mark_non_differentiable(group)
-        ctx.save_for_backward(y, group)
+        save_for_both(ctx, y, group)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor, _: Any) -> tuple[Tensor | None, ...]:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._diagnostics import DeclarativeWarning
 from ._checks import check_tensor
-from ._functorch import batch_first, plain
+from ._functorch import batch_first, forward_from_backward, plain, save_for_both
 
 __all__ = ["tridiagonal_solve"]
 
@@ -134,6 +134,21 @@ def _solve_last(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, method:
     return out.movedim(0, -1)
 
 
+def _tridiagonal_jvp(ctx: Any, d_lower: Tensor | None, d_diag: Tensor | None,
+                     d_upper: Tensor | None, d_rhs: Tensor | None, _: Any) -> Tensor:
+    """Forward mode: ``ẋ = T⁻¹ (ṙ − Ṫ x)``, one more solve."""
+    lower, diag, upper, x = ctx.saved_tensors
+    rhs = torch.zeros_like(x) if d_rhs is None else d_rhs.expand_as(x)
+    if d_diag is not None:
+        rhs = rhs - d_diag * x
+    if d_upper is not None:
+        rhs = rhs - torch.nn.functional.pad(d_upper * x[..., 1:], (0, 1))
+    if d_lower is not None:
+        rhs = rhs - torch.nn.functional.pad(d_lower * x[..., :-1], (1, 0))
+    return _TridiagonalFunction.apply(lower, diag, upper, rhs, ctx.method)
+
+
+@forward_from_backward(jvp=_tridiagonal_jvp)
 class _TridiagonalFunction(torch.autograd.Function):
     """x = T⁻¹ r with the backward by one transposed solve (itself differentiable)."""
 
@@ -144,7 +159,7 @@ class _TridiagonalFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         lower, diag, upper, _, ctx.method = inputs
-        ctx.save_for_backward(lower, diag, upper, output)
+        save_for_both(ctx, lower, diag, upper, output)
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
