@@ -1,4 +1,5 @@
-"""Cost of PyTorch features through declarative layers: double backward and torch.compile.
+"""Cost of PyTorch features through declarative layers: double backward, forward mode and
+torch.compile.
 
 Table (a): time of a double backward (a gradient penalty: ``g = ∂L/∂x`` with
 ``create_graph=True``, then ``∂‖g‖²/∂x``) relative to a single backward (``∂L/∂x``), both
@@ -10,7 +11,11 @@ including the forward, for ``L = ‖f(x)‖²`` and
 - ``project_onto_ball`` (p = 2),
 - ``least_squares`` (ridge).
 
-Table (b): one training step (forward, loss, backward) of the point-cloud PointNet with
+Table (b): forward mode, ``torch.func.jvp`` with one tangent (``Dy · ẋ``), relative to
+reverse mode (``v · Dy`` by ``torch.autograd.grad``), both including the forward, for the
+same layers.
+
+Table (c): one training step (forward, loss, backward) of the point-cloud PointNet with
 robust pseudo-Huber pooling (:class:`declnet.apps.pointcloud.model.PointNet`), eager
 against ``torch.compile(fullgraph=True)``; the compile time (first call) is shown apart.
 
@@ -74,7 +79,7 @@ def _double(f: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Callable[[], 
     return run
 
 
-def double_backward_table(repeats: int) -> None:
+def _cases() -> list[tuple[str, Callable[..., Tensor], tuple[Tensor, ...]]]:
     gen = torch.Generator().manual_seed(0)
     node = _LogCoshNode()
     cases: list[tuple[str, Callable[..., Tensor], tuple[Tensor, ...]]] = [
@@ -99,12 +104,35 @@ def double_backward_table(repeats: int) -> None:
             (torch.randn(64, 100, 8, generator=gen), torch.randn(64, 100, generator=gen)),
         ),
     ]
+    return cases
+
+
+def double_backward_table(repeats: int) -> None:
     print("(a) double backward vs single backward (forward included), ms")
     print(f"{'layer':40s} {'single':>9s} {'double':>9s} {'ratio':>7s}")
-    for name, f, args in cases:
+    for name, f, args in _cases():
         args = tuple(a.requires_grad_() for a in args)
         single, double = _interleaved([_single(f, args), _double(f, args)], repeats)
         print(f"{name:40s} {single:9.2f} {double:9.2f} {double / single:7.2f}")
+
+
+def forward_mode_table(repeats: int) -> None:
+    print("(b) forward mode (torch.func.jvp, one tangent) vs reverse mode (forward included), ms")
+    print(f"{'layer':40s} {'reverse':>9s} {'forward':>9s} {'ratio':>7s}")
+    for name, f, args in _cases():
+        gen = torch.Generator().manual_seed(1)
+        tangents = tuple(torch.randn(a.shape, generator=gen) for a in args)
+        v = torch.randn(f(*args).shape, generator=gen)
+        grad_args = tuple(a.detach().requires_grad_() for a in args)
+
+        def reverse(f=f, grad_args=grad_args, v=v) -> object:
+            return torch.autograd.grad(f(*grad_args), grad_args, v)
+
+        def forward(f=f, args=args, tangents=tangents) -> object:
+            return torch.func.jvp(f, args, tangents)
+
+        rev, fwd = _interleaved([reverse, forward], repeats)
+        print(f"{name:40s} {rev:9.2f} {fwd:9.2f} {fwd / rev:7.2f}")
 
 
 def compile_table(repeats: int, batch: int, points: int) -> None:
@@ -127,7 +155,7 @@ def compile_table(repeats: int, batch: int, points: int) -> None:
     step(compiled)()
     compile_s = time.perf_counter() - start
     eager_ms, compiled_ms = _interleaved([step(model), step(compiled)], repeats)
-    print(f"(b) PointNet training step, pseudo-Huber pooling, B={batch}, N={points}, W=128, ms")
+    print(f"(c) PointNet training step, pseudo-Huber pooling, B={batch}, N={points}, W=128, ms")
     print(f"{'mode':40s} {'step':>9s}")
     print(f"{'eager':40s} {eager_ms:9.2f}")
     print(f"{'torch.compile(fullgraph=True)':40s} {compiled_ms:9.2f}")
@@ -143,6 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}")
     double_backward_table(args.repeats)
+    print()
+    forward_mode_table(args.repeats)
     print()
     compile_table(args.repeats, args.batch, args.points)
 
