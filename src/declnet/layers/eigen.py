@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ._checks import check_tensor
 from ._functorch import batch_first, plain
+from ._precision import autocast_off, float32_inside
 
 __all__ = ["EigenDecomposition", "eigenvectors"]
 
@@ -72,6 +73,7 @@ class _EigenFunction(torch.autograd.Function):
         ctx.save_for_backward(*output)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g_lam: Tensor | None, g_u: Tensor | None) -> tuple[Tensor | None, ...]:
         lam, u = ctx.saved_tensors
         inner = torch.zeros_like(u) if g_lam is None else torch.diag_embed(g_lam)
@@ -91,6 +93,7 @@ class _EigenFunction(torch.autograd.Function):
         return (lam, u), (0, 0)
 
 
+@float32_inside
 def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
     """The top (or bottom) ``k`` eigenvectors of symmetric matrices, differentiably.
 
@@ -101,7 +104,9 @@ def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
 
     Args:
         X: ``(..., n, n)`` symmetric matrices, float32 or float64 (symmetric to within
-            √eps relative; the symmetric part is used).
+            √eps relative; the symmetric part is used). float16 and bfloat16 are solved and
+            differentiated in float32 and the result returned in their dtype; autocast is
+            off inside.
         k: the number of eigenvectors, ``1 <= k <= n``.
         largest: the top ``k`` (by eigenvalue, largest first) or the bottom ``k``
             (smallest first).

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ._checks import as_param, check_tensor
 from ._functorch import batch_first, differentiable_backward, plain
+from ._precision import autocast_off, float32_inside
 
 __all__ = ["LeastSquares", "least_squares"]
 
@@ -97,6 +98,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         ctx.save_for_backward(*inputs, y, factor)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor, _: Any) -> tuple[Tensor | None, ...]:
         a, b, w, ridge, pen, y, factor = ctx.saved_tensors
         if differentiable_backward():
@@ -139,6 +141,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         return (y.reshape(size, batch, -1), factor.reshape(size, batch, *factor.shape[1:])), (0, 0)
 
 
+@float32_inside
 def least_squares(
     A: Tensor,
     b: Tensor,
@@ -154,7 +157,9 @@ def least_squares(
     and ``ridge``.
 
     Args:
-        A: ``(..., m, n)`` design matrices, float32 or float64.
+        A: ``(..., m, n)`` design matrices, float32 or float64 (``b``, ``weights`` of the
+            same dtype). float16 and bfloat16 are solved and differentiated in float32 and
+            the result returned in their dtype; autocast is off inside.
         b: ``(..., m)`` targets.
         weights: ``(..., m)`` non-negative observation weights (all ones if None).
         ridge: ``ρ >= 0``, a float or a tensor broadcastable to the batch shape ``...``.
