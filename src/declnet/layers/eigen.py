@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ._checks import check_tensor
 from ._functorch import batch_first, forward_from_backward, plain, save_for_both
+from ._precision import autocast_off, float32_inside
 
 __all__ = ["EigenDecomposition", "eigenvectors"]
 
@@ -73,6 +74,7 @@ class _EigenFunction(torch.autograd.Function):
         save_for_both(ctx, *output)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g_lam: Tensor | None, g_u: Tensor | None) -> tuple[Tensor | None, ...]:
         lam, u = ctx.saved_tensors
         inner = torch.zeros_like(u) if g_lam is None else torch.diag_embed(g_lam)
@@ -92,6 +94,7 @@ class _EigenFunction(torch.autograd.Function):
         return (lam, u), (0, 0)
 
 
+@float32_inside
 def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
     """The top (or bottom) ``k`` eigenvectors of symmetric matrices, differentiably.
 
@@ -102,7 +105,9 @@ def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
 
     Args:
         X: ``(..., n, n)`` symmetric matrices, float32 or float64 (symmetric to within
-            √eps relative; the symmetric part is used).
+            √eps relative; the symmetric part is used). float16 and bfloat16 are solved and
+            differentiated in float32 and the result returned in their dtype; autocast is
+            off inside.
         k: the number of eigenvectors, ``1 <= k <= n``.
         largest: the top ``k`` (by eigenvalue, largest first) or the bottom ``k``
             (smallest first).

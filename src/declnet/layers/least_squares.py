@@ -32,6 +32,7 @@ from ._functorch import (
     plain,
     save_for_both,
 )
+from ._precision import autocast_off, float32_inside
 
 __all__ = ["LeastSquares", "least_squares"]
 
@@ -104,6 +105,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         save_for_both(ctx, *inputs, y, factor)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor, _: Any) -> tuple[Tensor | None, ...]:
         a, b, w, ridge, pen, y, factor = ctx.saved_tensors
         if differentiable_backward():
@@ -146,6 +148,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         return (y.reshape(size, batch, -1), factor.reshape(size, batch, *factor.shape[1:])), (0, 0)
 
 
+@float32_inside
 def least_squares(
     A: Tensor,
     b: Tensor,
@@ -161,7 +164,9 @@ def least_squares(
     and ``ridge``.
 
     Args:
-        A: ``(..., m, n)`` design matrices, float32 or float64.
+        A: ``(..., m, n)`` design matrices, float32 or float64 (``b``, ``weights`` of the
+            same dtype). float16 and bfloat16 are solved and differentiated in float32 and
+            the result returned in their dtype; autocast is off inside.
         b: ``(..., m)`` targets.
         weights: ``(..., m)`` non-negative observation weights (all ones if None).
         ridge: ``ρ >= 0``, a float or a tensor broadcastable to the batch shape ``...``.

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .._diagnostics import DeclarativeWarning
 from ._checks import as_param, check_tensor
 from ._functorch import batch_first, forward_from_backward, plain, save_for_both
+from ._precision import autocast_off, float32_inside, half_dtype
 
 __all__ = ["OptimalTransport", "optimal_transport"]
 
@@ -145,6 +146,7 @@ class _TransportFunction(torch.autograd.Function):
         save_for_both(ctx, m, gamma, output)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         m, gamma, p = ctx.saved_tensors
         grad_theta, grad_r, grad_c = transport_vjp(p, v)
@@ -204,7 +206,11 @@ def optimal_transport(
     structured formula (Schur complement on the smaller marginal).
 
     Args:
-        M: ``(..., m, n)`` costs, float32 or float64.
+        M: ``(..., m, n)`` costs, float32 or float64 (``r``, ``c`` of the same dtype).
+            float16 and bfloat16 are solved and differentiated in float32 and the plan
+            returned in their dtype (autocast is off inside); half-precision marginals may
+            differ in mass by their rounding (4 eps relative) and are then rescaled to
+            their mean mass.
         r: ``(..., m)`` positive row marginals (uniform ``1/m`` if None).
         c: ``(..., n)`` positive column marginals (uniform ``1/n`` if None); each sample's
             ``r`` and ``c`` must have the same total mass.
@@ -212,7 +218,7 @@ def optimal_transport(
             the batch shape ``...``; it may require grad. Larger is closer to unregularised
             transport (and slower to converge).
         tol: stop when every sample's row marginal has relative L1 error ``<= tol``
-            (1e-6 in float32, 1e-11 in float64 by default).
+            (1e-6 in float32 and half precision, 1e-11 in float64 by default).
         max_iter: the iteration cap (a :class:`declnet.DeclarativeWarning` if reached).
 
     Returns:
@@ -227,6 +233,21 @@ def optimal_transport(
         >>> P = optimal_transport(M, gamma=5.0)      # uniform marginals
         >>> (P * M).sum().backward()                  # fills M.grad
     """
+    return _optimal_transport(M, r, c, gamma, tol, max_iter, half_dtype(r, c))
+
+
+@float32_inside
+def _optimal_transport(
+    M: Tensor,
+    r: Optional[Tensor],
+    c: Optional[Tensor],
+    gamma: GammaLike,
+    tol: Optional[float],
+    max_iter: int,
+    low: Optional[torch.dtype],
+) -> Tensor:
+    """:func:`optimal_transport` in float32 for half-precision inputs; ``low`` is the half
+    dtype of the given marginals, if any (they are then only known to its rounding)."""
     M = check_tensor(M, "M", min_dim=2)
     m, n = M.shape[-2:]
     if m == 0 or n == 0:
@@ -247,12 +268,19 @@ def optimal_transport(
         ) from err
     mass_r, mass_c = r.detach().sum(-1), c.detach().sum(-1)
     gap = plain((mass_r - mass_c).abs() / torch.maximum(mass_r, mass_c))
-    if bool((gap > max(100 * tol, 1e-5)).any()):
+    # Half-precision marginals normalised to the same mass differ by up to their rounding
+    # (about eps of their dtype, relative): accept that much, and rescale both (as
+    # constants) to the mean mass so that Sinkhorn can meet its tolerance in float32.
+    slack = max(100 * tol, 1e-5, 0.0 if low is None else 4 * torch.finfo(low).eps)
+    if bool((gap > slack).any()):
         raise ValueError(
             "infeasible marginals: r and c must have the same total mass in every sample; "
             f"got relative differences up to {float(gap.max()):.3g}. Normalise both, e.g. "
             "r / r.sum(-1, keepdim=True) and c / c.sum(-1, keepdim=True)."
         )
+    if low is not None:
+        mean = 0.5 * (mass_r + mass_c)
+        r, c = r * (mean / mass_r).unsqueeze(-1), c * (mean / mass_c).unsqueeze(-1)
     p = _TransportFunction.apply(
         M.expand(*batch, m, n).reshape(-1, m, n),
         r.expand(*batch, m).reshape(-1, m),

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._diagnostics import DeclarativeWarning
 from ._functorch import batch_first, differentiable_backward, forward_from_backward, save_for_both
+from ._precision import autocast_off, float32_inside
 from ._qp import QPResult, kkt_matrix, kkt_solve, solve_qp
 
 __all__ = ["QuadraticProgram", "QuadraticProgramError", "quadratic_program"]
@@ -134,6 +135,7 @@ class _QPFunction(torch.autograd.Function):
         save_for_both(ctx, Q, G, h, A, y, z, nu, lu, piv)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, grad_y: Tensor | None, grad_z: Tensor | None,  # type: ignore[override]
                  grad_nu: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         Q, G, h, A, y, z, nu, lu, piv = ctx.saved_tensors
@@ -220,12 +222,17 @@ def quadratic_program(Q: Tensor, p: Tensor, G: Tensor | None = None, h: Tensor |
 
     Args:
         Q: ``(m, m)`` or ``(B, m, m)``, symmetric positive semi-definite (symmetrised).
+            Every argument is float32 or float64 (promoted to a common dtype); float16 and
+            bfloat16 are solved and differentiated in float32 and the solution returned in
+            their dtype. Autocast is off inside: the interior-point method runs in float32
+            under ``torch.autocast``.
         p: ``(m,)`` or ``(B, m)``.
         G: optional ``(q, m)`` or ``(B, q, m)``; h: ``(q,)`` or ``(B, q)``.
         A: optional ``(r, m)`` or ``(B, r, m)`` with full row rank; b: ``(r,)`` or ``(B, r)``.
         tol: relative stopping tolerance of the KKT residuals and the duality gap (default
-            ``eps^0.8`` of the dtype: 3e-13 in float64, 3e-6 in float32; the gradient needs
-            the slacks of active constraints well below their multipliers).
+            ``eps^0.8`` of the dtype: 3e-13 in float64, 3e-6 in float32 and half precision;
+            the gradient needs the slacks of active constraints well below their
+            multipliers).
         max_iter: interior-point iteration limit (default 50).
         strict: raise :class:`QuadraticProgramError` for samples that did not converge (when
             False, warn for those; infeasible or unbounded samples always raise).
@@ -246,6 +253,7 @@ def quadratic_program(Q: Tensor, p: Tensor, G: Tensor | None = None, h: Tensor |
     return _run(Q, p, G, h, A, b, tol, max_iter, strict)[0]
 
 
+@float32_inside
 def _run(Q: Tensor, p: Tensor, G: Tensor | None, h: Tensor | None, A: Tensor | None,
          b: Tensor | None, tol: float | None, max_iter: int, strict: bool
          ) -> tuple[Tensor, dict[str, Any]]:
@@ -292,5 +300,6 @@ class QuadraticProgram(nn.Module):
         y, opts = _run(Q, p, G, h, A, b, self.tol, self.max_iter, self.strict)
         res = opts["last"]
         self.info = {"converged": res.converged, "iterations": res.iterations,
-                     "residual": res.residual, "status": res.status, "z": res.z, "nu": res.nu}
+                     "residual": res.residual, "status": res.status, "z": res.z.to(y.dtype),
+                     "nu": res.nu.to(y.dtype)}
         return y

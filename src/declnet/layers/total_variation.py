@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ._checks import as_param, check_dim, check_tensor
 from ._condat import tv1d_condat
 from ._functorch import batch_first, forward_from_backward, save_for_both
+from ._precision import autocast_off, float32_inside
 
 __all__ = ["TotalVariation1d", "total_variation_1d"]
 
@@ -61,6 +62,7 @@ class _TotalVariationFunction(torch.autograd.Function):
         save_for_both(ctx, y, group)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor, _: Any) -> tuple[Tensor | None, ...]:
         y, group = ctx.saved_tensors
         counts = torch.zeros_like(y).scatter_add(1, group, torch.ones_like(y)).clamp(min=1.0)
@@ -85,6 +87,7 @@ class _TotalVariationFunction(torch.autograd.Function):
         return (y.reshape(size, rows, n), group.reshape(size, rows, n)), (0, 0)
 
 
+@float32_inside
 def total_variation_1d(x: Tensor, weight: WeightLike, dim: int = -1) -> Tensor:
     """1-D total-variation denoising ``argmin_y ½‖y − x‖² + λ Σ|y_{i+1} − y_i|``.
 
@@ -93,7 +96,8 @@ def total_variation_1d(x: Tensor, weight: WeightLike, dim: int = -1) -> Tensor:
 
     Args:
         x: ``(..., n, ...)`` signals, float32 or float64; the signal runs along ``dim``
-            and every other dimension is a batch dimension.
+            and every other dimension is a batch dimension. float16 and bfloat16 are
+            solved and differentiated in float32 and the result returned in their dtype.
         weight: ``λ >= 0``: a float, or a tensor broadcastable to the batch shape
             (``x.shape`` without ``dim``); it may require grad.
         dim: the dimension the signal runs along.
