@@ -173,3 +173,13 @@ def test_compiled_vector_pool_warns_on_a_singular_hessian():
             f(xg).sum().backward()
         grads.append(xg.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_compiled_pool_backward_warns_as_eager():
+    # x = (-α, α): y = 0 is a Welsch minimum where Σφ'' = 0 exactly (eager: the same warning).
+    compiled = _compiled(lambda x: L.robust_pool(x, L.Welsch(1.0)))
+    x = torch.tensor([[-1.0, 1.0]], dtype=F64, requires_grad=True)
+    # The check depends on forward values only, so the compiled forward may run it.
+    with pytest.warns(declnet.DeclarativeWarning, match="mean-shift step"):
+        compiled(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.5]], dtype=F64))
