@@ -2,12 +2,19 @@
 
 Every check raises a :class:`TypeError` or :class:`ValueError` whose message says what was
 expected, what came, and how to fix it. Nothing here computes a layer's output.
+
+Checks of tensor *values* (a positive α, a finite solution) need the data: a Python ``if``
+on them cannot be traced by ``torch.compile(fullgraph=True)``. Such checks are registered
+with :func:`value_check` and run through :func:`run_value_check`: at once in eager mode,
+and, while ``torch.compile`` traces, as a node of the compiled graph (the side-effecting
+custom operator ``declnet::value_check``) that runs the same check, with the same error,
+whenever the graph runs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import torch
@@ -27,12 +34,68 @@ __all__ = [
     "check_tensor",
     "normalise_dims",
     "pool_alpha",
+    "run_value_check",
+    "value_check",
 ]
 
 DimLike = Union[int, Sequence[int]]
 RadiusLike = Union[float, int, Tensor]
 
 _KINDS = ("sphere", "ball")
+
+ValueCheck = Callable[[Sequence[Tensor], str], None]
+_VALUE_CHECKS: dict[str, ValueCheck] = {}
+
+
+def value_check(name: str) -> Callable[[ValueCheck], ValueCheck]:
+    """Register ``fn(tensors, label)`` as the value check called ``name``.
+
+    ``fn`` receives detached tensors (every sample of a vmapped one) and the caller's
+    label (e.g. the layer's name), and raises (or warns) when the values are not allowed.
+    """
+
+    def register(fn: ValueCheck) -> ValueCheck:
+        if name in _VALUE_CHECKS:
+            raise RuntimeError(f"a value check named {name!r} is already registered.")
+        _VALUE_CHECKS[name] = fn
+        return fn
+
+    return register
+
+
+@torch.library.custom_op("declnet::value_check", mutates_args=())
+def _value_check_op(tensors: list[Tensor], check: str, label: str) -> None:
+    """The registered check ``check`` on ``tensors``, as one opaque graph node."""
+    _VALUE_CHECKS[check](tensors, label)
+
+
+@_value_check_op.register_fake
+def _(tensors: list[Tensor], check: str, label: str) -> None:
+    return None
+
+
+# The operator returns nothing: mark it as side-effecting so that graph passes keep it.
+torch.fx.node.has_side_effect(torch.ops.declnet.value_check.default)
+
+
+def run_value_check(check: str, label: str, *tensors: Tensor) -> None:
+    """Run the value check registered as ``check`` on ``tensors``.
+
+    In eager mode (and under ``torch.func`` transforms, on every sample) it runs now; while
+    ``torch.compile`` traces, it is recorded as the operator ``declnet::value_check``, so
+    that the compiled graph runs the same check, with the same error, on every call and
+    does not break on a data-dependent branch.
+
+    Args:
+        check: the name given to :func:`value_check`.
+        label: passed to the check (e.g. the layer's name, for the message).
+        *tensors: the tensors whose values are checked (not differentiated).
+    """
+    values = [plain(t.detach()) for t in tensors]
+    if torch.compiler.is_compiling():
+        _value_check_op(values, check, label)
+    else:
+        _VALUE_CHECKS[check](values, label)
 
 
 def check_floating(x: object, what: str) -> Tensor:
@@ -194,13 +257,19 @@ def check_radius(radius: Any, x: Tensor, dim: int, name: str = "radius") -> floa
             f"{name} of shape {tuple(radius.shape)} does not broadcast to x of shape "
             f"{tuple(x.shape)} with size 1 along dim={dim}."
         )
-    bad = ~((keepdim > 0) & torch.isfinite(keepdim))  # also catches NaN
+    run_value_check("radius", name, keepdim)
+    return keepdim
+
+
+@value_check("radius")
+def _check_radius_values(tensors: Sequence[Tensor], name: str) -> None:
+    (radius,) = tensors
+    bad = ~((radius > 0) & torch.isfinite(radius))  # also catches NaN
     if bool(bad.any()):
         raise ValueError(
             f"every entry of {name} must be > 0 and finite; got "
-            f"{name} = {keepdim.detach().flatten()[bad.flatten()][0].item()}."
+            f"{name} = {radius.flatten()[bad.flatten()][0].item()}."
         )
-    return keepdim
 
 
 def pool_alpha(
@@ -224,13 +293,7 @@ def pool_alpha(
         return torch.ones((), dtype=x.dtype, device=x.device)
     if not isinstance(alpha, Tensor):
         return torch.tensor(float(alpha), dtype=x.dtype, device=x.device)
-    values = plain(alpha.detach())  # every sample of a vmapped alpha
-    if bool((~(values > 0)).any()) or not bool(torch.isfinite(values).all()):
-        raise ValueError(
-            f"{owner}: alpha must be positive and finite everywhere, got "
-            f"min {values.min().item():.3g} (a learnable alpha may have left the "
-            "allowed range: parametrise it, e.g. alpha = softplus(raw))."
-        )
+    run_value_check("pool_alpha", owner, alpha)
     alpha = alpha.to(device=x.device, dtype=x.dtype)
     if alpha.numel() == 1:
         return alpha.reshape(())
@@ -251,6 +314,17 @@ def pool_alpha(
         f"alpha of shape {tuple(alpha.shape)} does not broadcast to the pooled output "
         f"shape {out_shape}; use a scalar or a tensor broadcastable to it."
     )
+
+
+@value_check("pool_alpha")
+def _check_pool_alpha_values(tensors: Sequence[Tensor], owner: str) -> None:
+    (values,) = tensors  # every sample of a vmapped alpha
+    if bool((~(values > 0)).any()) or not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"{owner}: alpha must be positive and finite everywhere, got "
+            f"min {values.min().item():.3g} (a learnable alpha may have left the "
+            "allowed range: parametrise it, e.g. alpha = softplus(raw))."
+        )
 
 
 def check_tensor(x: Any, name: str, min_dim: int = 1) -> Tensor:

@@ -21,6 +21,7 @@ __all__ = [
     "has_tangent",
     "plain",
     "save_for_both",
+    "surely_none",
     "transforms_active",
 ]
 
@@ -70,6 +71,16 @@ def differentiable_backward() -> bool:
     when it is itself differentiated (``create_graph=True``: grad mode is on inside the
     backward), traced by ``torch.compile``, or run under a ``torch.func`` transform."""
     return torch.is_grad_enabled() or torch.compiler.is_compiling() or transforms_active()
+
+
+def surely_none(mask: Tensor) -> bool:
+    """Whether no entry of ``mask`` is set, for skipping a fix-up on a fast path.
+
+    In eager mode this reads the mask (one device sync). While ``torch.compile`` traces it
+    is ``False`` without reading it, so the fix-up, which must then leave the result as it
+    would be without it, is part of the graph (a data-dependent branch would break it).
+    """
+    return not torch.compiler.is_compiling() and not bool(mask.any())
 
 
 # ---------------------------------------------------------------------------------------

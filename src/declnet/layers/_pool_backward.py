@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .._diagnostics import DeclarativeWarning
-from ._functorch import plain
+from ._checks import run_value_check, value_check
 from ._pool_solvers import overrides
 from .penalties import Huber, Penalty, PseudoHuber, TruncatedQuadratic, Welsch
 
@@ -44,13 +45,18 @@ _WELSCH_FAR = 4.0 * 64.0**2
 
 
 def _warn_if(bad: Tensor, message: str) -> None:
-    """Warn with ``message`` (formatted with the count) when ``bad`` has a True entry; skipped
-    while tracing for ``torch.compile`` (a warning, not a check: the values are unchanged)."""
-    if torch.compiler.is_compiling():
-        return
-    count = int(plain(bad).sum())
+    """Warn with ``message`` (formatted with the count) when ``bad`` has a True entry; under
+    ``torch.compile`` the compiled graphs warn likewise when they run (a value check; the
+    partitioner may move it into the forward graph, as it needs forward values only)."""
+    run_value_check("pool_backward_warning", message, bad)
+
+
+@value_check("pool_backward_warning")
+def _warn_count(tensors: Sequence[Tensor], message: str) -> None:
+    (bad,) = tensors
+    count = int(bad.sum())
     if count:
-        warnings.warn(message.format(count=count), DeclarativeWarning, stacklevel=5)
+        warnings.warn(message.format(count=count), DeclarativeWarning, stacklevel=7)
 
 
 def _pseudo_huber(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._functorch import surely_none
+
 __all__ = ["backward", "forward", "reduce_to", "simplex_backward", "simplex_forward"]
 
 # General-p solver settings: iteration caps of the outer (multiplier) and inner
@@ -59,7 +61,7 @@ def _l2_norm(x: Tensor, dim: int) -> Tensor:
     norm = torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True)
     info = torch.finfo(x.dtype)
     bad = ~((norm >= math.sqrt(info.tiny / info.eps)) & (norm <= info.max))
-    if not bool(bad.any()):
+    if surely_none(bad):
         return norm
     top = torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg())
     safe = torch.where(top > 0, top, torch.ones_like(top))
@@ -74,7 +76,7 @@ def _l2_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
         return x / torch.clamp(norm / r, min=1.0)
     zero_rows = norm == 0
     # x / (‖x‖ / r) rather than x · (r / ‖x‖): stays finite for subnormal ‖x‖.
-    if x.device.type == "cpu" and not bool(zero_rows.any()):
+    if x.device.type == "cpu" and surely_none(zero_rows):
         return x / (norm / r)  # the common case, without the x = 0 fix-up below
     zero = zero_rows.to(x.dtype)
     y = x / ((norm + zero) / r)

@@ -16,12 +16,13 @@ pooling layers use it to pass ``α`` already broadcast to the shape they need.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar, Union
 
 import torch
 from torch import Tensor
 
-from ._functorch import plain
+from ._checks import run_value_check, value_check
 
 __all__ = [
     "Huber",
@@ -52,17 +53,23 @@ def _check_alpha(alpha: object, owner: str) -> AlphaLike:
             )
         if alpha.numel() == 0:
             raise ValueError(f"{owner}: alpha must not be empty, got shape {tuple(alpha.shape)}.")
-        bad = plain(~(torch.isfinite(alpha.detach()) & (alpha.detach() > 0)))
-        if bool(bad.any()):
-            raise ValueError(
-                f"{owner}: alpha must be positive and finite everywhere; got "
-                f"{int(bad.sum())} bad value(s) (min {plain(alpha.detach()).min().item():.3g})."
-            )
+        run_value_check("penalty_alpha", owner, alpha)
         return alpha
     value = float(alpha)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{owner}: alpha must be a positive finite number, got {alpha!r}.")
     return value
+
+
+@value_check("penalty_alpha")
+def _check_alpha_values(tensors: Sequence[Tensor], owner: str) -> None:
+    (alpha,) = tensors  # every sample of a vmapped alpha
+    bad = ~(torch.isfinite(alpha) & (alpha > 0))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{owner}: alpha must be positive and finite everywhere; got "
+            f"{int(bad.sum())} bad value(s) (min {alpha.min().item():.3g})."
+        )
 
 
 class Penalty(torch.nn.Module):

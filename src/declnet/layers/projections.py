@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _projection_ops as projection_ops
 from . import _projection_solvers as solvers
 from ._checks import RadiusLike, check_dim, check_kind, check_p, check_radius
 from ._functorch import (
@@ -101,6 +102,9 @@ class _LpProjectionFunction(torch.autograd.Function):
     def forward(
         x: Tensor, radius: float | Tensor, p: float, ball: bool, dim: int, masked: bool
     ) -> Tensor:
+        if torch.compiler.is_compiling() and projection_ops.is_opaque(p, ball):
+            # Iterative, data-dependent solvers: one opaque node of the compiled graph.
+            return projection_ops.forward(x, radius, dim, p, ball)
         return solvers.forward(x, radius, dim, p, ball)
 
     @staticmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -32,13 +33,21 @@ from . import _pool_backward as pool_backward
 from . import _pool_ops as pool_ops
 from . import _pool_solvers as pool_solvers
 from . import _vector_pool_solvers as vector_solvers
-from ._checks import DimLike, check_floating, normalise_dims, pool_alpha
+from ._checks import (
+    DimLike,
+    check_floating,
+    normalise_dims,
+    pool_alpha,
+    run_value_check,
+    value_check,
+)
 from ._functorch import (
     batch_first,
     differentiable_backward,
     forward_from_backward,
     plain,
     save_for_both,
+    surely_none,
 )
 from .penalties import Penalty, PenaltyLike, Quadratic, as_penalty
 
@@ -310,17 +319,31 @@ def _solve_hessian(hess: Tensor, v: Tensor, what: str) -> Tensor:
     bad = ((info != 0) | ~torch.isfinite(sol).all(dim=(-2, -1))) & torch.isfinite(hess).all(
         dim=(-2, -1)
     )
+    if torch.compiler.is_compiling():
+        # No data-dependent branch in the graph: the warning is a graph node, and the
+        # pseudo-inverse is taken of every Hessian (the identity where H is regular).
+        run_value_check("vector_pool_singular", what, bad)
+        eye = torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
+        least = torch.linalg.pinv(torch.where(bad[:, None, None], hess, eye), hermitian=True)
+        return torch.where(bad[:, None, None], least @ v.unsqueeze(-1), sol).squeeze(-1)
     if bool(plain(bad).any()):
-        warnings.warn(
-            f"robust_vector_pool({what}): the Hessian Σ_i ∇²φ(‖y − x_i‖) is singular for "
-            f"{int(plain(bad).sum())} output(s); using its least-squares (pseudo-inverse) "
-            "solution.",
-            DeclarativeWarning,
-            stacklevel=4,
-        )
+        _warn_singular([plain(bad)], what)
         least = torch.linalg.pinv(hess, hermitian=True) @ v.unsqueeze(-1)
         sol = torch.where(bad[:, None, None], least, sol)
     return sol.squeeze(-1)
+
+
+@value_check("vector_pool_singular")
+def _warn_singular(tensors: Sequence[Tensor], what: str) -> None:
+    (bad,) = tensors
+    count = int(bad.sum())
+    if count:
+        warnings.warn(
+            f"robust_vector_pool({what}): the Hessian Σ_i ∇²φ(‖y − x_i‖) is singular for "
+            f"{count} output(s); using its least-squares (pseudo-inverse) solution.",
+            DeclarativeWarning,
+            stacklevel=5,
+        )
 
 
 @forward_from_backward
@@ -334,9 +357,12 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, alpha: Tensor, pen: Penalty) -> Tensor:  # type: ignore[override]
-        y = vector_solvers.solve(pen, x, alpha)
+        if torch.compiler.is_compiling() and pool_ops.has_op(pen):
+            y = pool_ops.vector_solve(x, alpha, type(pen).__name__)  # one opaque node
+        else:
+            y = vector_solvers.solve(pen, x, alpha)
         bad = ~torch.isfinite(x.sum(dim=(1, 2)))
-        if bool(bad.any()):
+        if not surely_none(bad):
             y = torch.where(bad.unsqueeze(-1), math.nan, y)
         return y
 
@@ -400,8 +426,9 @@ def robust_vector_pool(
     penalties (Welsch, truncated quadratic) it starts from the mean, the coordinatewise
     median and the data point nearest to that median, and keeps the lowest objective: a
     local minimum, not a certified global one (there is no sorting trick in more than one
-    dimension). Not compiled; intended for
-    moderate ``C`` (the backward factorises one ``C × C`` Hessian per output).
+    dimension). Intended for moderate ``C`` (the backward factorises one ``C × C`` Hessian
+    per output). Under ``torch.compile(fullgraph=True)`` the solver of a built-in penalty
+    runs as one opaque operator.
 
     Backward (Prop. 4.4): ``dJ/dx_i = H_i H⁻¹ v`` with ``H_i = w_i I + c_i d_i d_iᵀ``,
     ``d_i = y − x_i``, ``w_i = φ'(r_i)/r_i``, ``c_i = (φ''(r_i) − w_i)/r_i²`` and

@@ -24,14 +24,15 @@ or a zero pivot gives non-finite values, reported with a
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._diagnostics import DeclarativeWarning
-from ._checks import check_tensor
-from ._functorch import batch_first, forward_from_backward, plain, save_for_both
+from ._checks import check_tensor, run_value_check, value_check
+from ._functorch import batch_first, forward_from_backward, save_for_both
 
 __all__ = ["tridiagonal_solve"]
 
@@ -255,16 +256,22 @@ def tridiagonal_solve(
         x = _dense_solve(b_lower, b_diag, b_upper, b_rhs)
     else:
         x = _TridiagonalFunction.apply(b_lower, b_diag, b_upper, b_rhs, method)
-    if not bool(plain(torch.isfinite(x)).all()) and bool(
-        plain(torch.isfinite(diag)).all() & plain(torch.isfinite(rhs)).all()
+    run_value_check("tridiagonal_finite", "tridiagonal_solve", x, diag, rhs)
+    return x
+
+
+@value_check("tridiagonal_finite")
+def _warn_if_not_finite(tensors: Sequence[Tensor], label: str) -> None:
+    """Warn when the solution ``x`` is not finite although ``diag`` and ``rhs`` are."""
+    x, diag, rhs = tensors
+    if not bool(torch.isfinite(x).all()) and bool(
+        torch.isfinite(diag).all() & torch.isfinite(rhs).all()
     ):
         warnings.warn(
-            "tridiagonal_solve: the solution has non-finite entries: the matrix is singular, "
+            f"{label}: the solution has non-finite entries: the matrix is singular, "
             "or the Thomas algorithm met a zero pivot (it does not pivot). It is stable for "
             "diagonally dominant or symmetric positive definite matrices; use "
             "torch.linalg.solve for others.",
             DeclarativeWarning,
-            stacklevel=2,
+            stacklevel=4,  # the caller of tridiagonal_solve (eager mode)
         )
-    return x
-
