@@ -17,10 +17,10 @@ import declnet.layers as L
 # which runs eagerly between compiled graphs (a graph break; tested below without
 # fullgraph).
 _ENGINE = {"robust_pool-user-engine"}
-# Layers whose compiled form is not covered here (their solvers are outside this test's
-# scope; see each layer's documentation).
+# Layers whose iterative solvers choose their path from the data (a Cholesky/QR switch,
+# convergence tests of Sinkhorn, interior-point and Condat iterations): they compile with
+# graph breaks (tested below without fullgraph).
 _NOT_COVERED = {
-    "eigenvectors",
     "least_squares",
     "optimal_transport",
     "quadratic_program",
@@ -183,3 +183,19 @@ def test_compiled_pool_backward_warns_as_eager():
     with pytest.warns(declnet.DeclarativeWarning, match="mean-shift step"):
         compiled(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.5]], dtype=F64))
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in ("quadratic_program", "optimal_transport")
+    else n for n in sorted(_NOT_COVERED | _ENGINE)])
+def test_solver_layers_compile_with_graph_breaks(name):
+    torch._dynamo.reset()
+    fn, args = CASES[name]
+    v = torch.randn(fn(*args).shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", declnet.DeclarativeWarning)
+        y, grads = _output_and_grads(torch.compile(fn, backend="aot_eager"), args, v)
+        y_ref, grads_ref = _output_and_grads(fn, args, v)
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)

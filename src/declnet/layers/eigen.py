@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_tensor
-from ._functorch import batch_first, forward_from_backward, plain, save_for_both
+from ._checks import check_tensor, run_value_check, value_check
+from ._functorch import batch_first, forward_from_backward, save_for_both
 from ._precision import autocast_off, float32_inside
 
 __all__ = ["EigenDecomposition", "eigenvectors"]
@@ -51,6 +51,19 @@ def _select(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Tensor, T
     u = u * torch.where(sign == 0, torch.ones_like(sign), sign)
     return lam, u, lam[..., :k], u[..., :k]
 
+
+
+@value_check("eigen_symmetric")
+def _check_symmetric(tensors: list[Tensor], label: str) -> None:
+    """``X`` symmetric to within √eps relative, and finite."""
+    (x,) = tensors
+    asym = (x - x.mT).abs().amax()
+    scale = x.abs().amax().clamp(min=torch.finfo(x.dtype).tiny)
+    if bool(asym > torch.finfo(x.dtype).eps ** 0.5 * scale) or not bool(torch.isfinite(asym)):
+        raise ValueError(
+            f"{label}: X must be symmetric (and finite); got max |X − Xᵀ| = {float(asym):.3g} "
+            f"for max |X| = {float(scale):.3g}. Pass the symmetric part (X + X.mT) / 2."
+        )
 
 @forward_from_backward
 class _EigenFunction(torch.autograd.Function):
@@ -130,14 +143,7 @@ def eigenvectors(X: Tensor, k: int = 1, largest: bool = True) -> Tensor:
         raise ValueError(f"k must be an int with 1 <= k <= n = {n}; got k={k!r}.")
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool; got {largest!r}.")
-    xd = X.detach()
-    asym = plain((xd - xd.mT).abs()).amax()
-    scale = plain(xd.abs()).amax().clamp(min=torch.finfo(X.dtype).tiny)
-    if bool(asym > torch.finfo(X.dtype).eps ** 0.5 * scale) or not bool(torch.isfinite(asym)):
-        raise ValueError(
-            f"X must be symmetric (and finite); got max |X − Xᵀ| = {float(asym):.3g} for "
-            f"max |X| = {float(scale):.3g}. Pass the symmetric part (X + X.mT) / 2."
-        )
+    run_value_check("eigen_symmetric", "eigenvectors", X)
     _, u = _EigenFunction.apply(0.5 * (X + X.mT), largest)
     return u[..., :k]
 
