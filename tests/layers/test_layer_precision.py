@@ -27,17 +27,6 @@ HALF = (torch.float16, torch.bfloat16)
 # solver (that would miss by 100 eps or more in these iterative and factorised solves).
 _TOL_EPS = 8.0
 
-# The layers whose autograd.Function backward disables autocast itself (see
-# test_backward_inside_autocast).
-_SOLVER_LAYERS = (
-    "eigenvectors",
-    "least_squares",
-    "optimal_transport",
-    "quadratic_program",
-    "total_variation_1d",
-)
-
-
 def _cotangent(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """A fixed incoming gradient, rounded to ``dtype`` (the same values for every run)."""
     return randn(*shape, seed=99).to(dtype)
@@ -107,10 +96,10 @@ def test_autocast_runs_in_float32(name):
         assert _max_err(g, g0) <= 1e-6 * _amax(g0) + 1e-30, name
 
 
-@pytest.mark.parametrize("name", _SOLVER_LAYERS)
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_backward_inside_autocast(name):
-    # Autograd runs a backward under the caller's autocast state; these layers' backward
-    # formulas (matmuls, triangular solves) still run in float32.
+    # Autograd runs a backward under the caller's autocast state; every layer's backward
+    # (matmuls, triangular solves, closed forms) still runs in float32.
     _, grads = _run(name, torch.float32, autocast=True, backward_inside=True)
     _, grads0 = _run(name, torch.float32)
     for g, g0 in zip(grads, grads0):

@@ -43,6 +43,7 @@ from ._functorch import (
     save_for_both,
     transforms_active,
 )
+from ._precision import autocast_off, float32_inside
 
 __all__ = [
     "LpProjection",
@@ -116,6 +117,7 @@ class _LpProjectionFunction(torch.autograd.Function):
         save_for_both(ctx, x, output, *([radius] if ctx.radius_is_tensor else []))
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         p, ball, dim, masked = ctx.p, ctx.ball, ctx.dim, ctx.masked
         x, y, *rest = ctx.saved_tensors
@@ -140,6 +142,7 @@ class _LpProjectionFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
+@float32_inside
 def _project(x: Tensor, p: Any, radius: Any, dim: Any, kind: str, masked: bool) -> Tensor:
     p = check_p(p)
     dim = check_dim(x, dim)
@@ -268,6 +271,7 @@ class _SimplexFunction(torch.autograd.Function):
         save_for_both(ctx, output, *([total] if ctx.total_is_tensor else []))
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         y, *rest = ctx.saved_tensors
         dim = ctx.dim
@@ -283,6 +287,7 @@ class _SimplexFunction(torch.autograd.Function):
         return _SimplexFunction.apply(xb, tb, dim + 1), 0
 
 
+@float32_inside
 def project_onto_simplex(x: Tensor, total: RadiusLike = 1.0, dim: int = -1) -> Tensor:
     """Euclidean projection onto the scaled probability simplex.
 

@@ -49,6 +49,7 @@ from ._functorch import (
     save_for_both,
     surely_none,
 )
+from ._precision import autocast_off, float32_inside
 from .penalties import Penalty, PenaltyLike, Quadratic, as_penalty
 
 __all__ = ["RobustPool", "RobustVectorPool", "robust_pool", "robust_vector_pool"]
@@ -101,6 +102,7 @@ class _RobustPoolFunction(torch.autograd.Function):
         save_for_both(ctx, x, alpha, y, *saved)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_y, *unused):  # type: ignore[no-untyped-def, override]
         x, alpha, y, *saved = ctx.saved_tensors
         pen = ctx.pen
@@ -373,6 +375,7 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
         save_for_both(ctx, x, alpha, output)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, v):  # type: ignore[no-untyped-def, override]
         x, alpha, y = ctx.saved_tensors
         pen = ctx.pen
@@ -408,6 +411,7 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
         return y.reshape(size, rows, -1), 0
 
 
+@float32_inside
 def robust_vector_pool(
     x: Tensor,
     penalty: PenaltyLike,

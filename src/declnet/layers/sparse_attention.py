@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ._checks import check_dim, check_tensor
 from ._functorch import batch_first, forward_from_backward, save_for_both
+from ._precision import autocast_off, float32_inside
 
 __all__ = ["Entmax", "Sparsemax", "entmax", "sparsemax"]
 
@@ -139,6 +140,7 @@ class _EntmaxFunction(torch.autograd.Function):
         save_for_both(ctx, output)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         (p,) = ctx.saved_tensors
         return _entmax_vjp(p, v, ctx.alpha, ctx.dim), None, None
@@ -150,6 +152,7 @@ class _EntmaxFunction(torch.autograd.Function):
         return _EntmaxFunction.apply(zb, alpha, dim + 1), 0
 
 
+@float32_inside
 def entmax(x: Tensor, alpha: float = 1.5, dim: int = -1) -> Tensor:
     """α-entmax of scores ``x`` along ``dim``: a sparse softmax.
 
@@ -178,6 +181,7 @@ def entmax(x: Tensor, alpha: float = 1.5, dim: int = -1) -> Tensor:
     return _EntmaxFunction.apply(x, alpha, dim)
 
 
+@float32_inside
 def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
     """Sparsemax of ``x`` along ``dim``: the Euclidean projection onto the simplex.
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from .._diagnostics import DeclarativeWarning
 from ._checks import check_tensor, run_value_check, value_check
 from ._functorch import batch_first, forward_from_backward, save_for_both
+from ._precision import autocast_off, float32_inside
 
 __all__ = ["tridiagonal_solve"]
 
@@ -163,6 +164,7 @@ class _TridiagonalFunction(torch.autograd.Function):
         save_for_both(ctx, lower, diag, upper, output)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         lower, diag, upper, x = ctx.saved_tensors
         # Tᵀ swaps the two off-diagonals.
@@ -182,6 +184,7 @@ class _TridiagonalFunction(torch.autograd.Function):
         return _TridiagonalFunction.apply(*parts, args[4]), 0
 
 
+@float32_inside
 def tridiagonal_solve(
     lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, *, method: str = "auto"
 ) -> Tensor:
