@@ -59,3 +59,25 @@ def test_projection_with_a_radius_tangent(fn):
     _, dy = torch.func.jvp(f, (x, r), (tx, tr))
     torch.testing.assert_close(dy, _central_difference(f, (x, r), (tx, tr)), rtol=1e-6,
                                atol=1e-8)
+
+
+# Second derivatives by nested transforms: jacfwd over jacrev (torch.func.hessian) needs the
+# layer's forward mode through its differentiable backward. The user's penalty without
+# d2phi is differentiated by the engine, which refuses nested transforms with a clear error
+# (tests/test_func_transforms.py).
+_NESTED = sorted(set(CASES) - {"robust_pool-user-engine"})
+
+
+@pytest.mark.parametrize("name", _NESTED)
+def test_hessian_by_nested_transforms_equals_double_backward(name):
+    fn, args = CASES[name]
+
+    def loss(x, *rest):
+        return fn(x, *rest).square().sum()
+
+    hess = torch.func.hessian(loss)(*args)
+    x = args[0].clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(x, *args[1:]), x, create_graph=True)
+    rows = [torch.autograd.grad(gi, x, retain_graph=True)[0] for gi in g.reshape(-1)]
+    torch.testing.assert_close(hess.reshape(x.numel(), -1), torch.stack(rows).reshape(
+        x.numel(), -1), rtol=1e-8, atol=1e-10)
