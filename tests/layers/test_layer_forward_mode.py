@@ -81,3 +81,16 @@ def test_hessian_by_nested_transforms_equals_double_backward(name):
     rows = [torch.autograd.grad(gi, x, retain_graph=True)[0] for gi in g.reshape(-1)]
     torch.testing.assert_close(hess.reshape(x.numel(), -1), torch.stack(rows).reshape(
         x.numel(), -1), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["project-ball-p2", "robust_pool-welsch", "tridiagonal",
+                                  "least_squares"])
+def test_forward_over_forward_is_a_clear_error(name):
+    # PyTorch would return zeros for a Function's jvp under an outer forward-mode transform.
+    fn, args = CASES[name]
+
+    def loss(x):
+        return fn(x, *args[1:]).square().sum()
+
+    with pytest.raises(RuntimeError, match="forward mode over forward mode"):
+        torch.func.jacfwd(torch.func.jacfwd(loss))(args[0])

@@ -125,6 +125,30 @@ class _Traceable:
         return getattr(self.eager, name)
 
 
+def _forward_levels() -> int:
+    """How many ``torch.func`` forward-mode transforms (jvp, jacfwd) are active."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    jvp = torch._C._functorch.TransformType.Jvp
+    return sum(1 for interpreter in stack if interpreter.key() == jvp)
+
+
+def _first_order_jvp(name: str, jvp: Any) -> Any:
+    """``jvp``, refusing forward mode over forward mode: PyTorch does not differentiate a
+    Function's ``jvp`` under an outer forward-mode transform (the result would be zero)."""
+
+    def guarded(ctx: Any, *tangents: Any) -> Any:
+        if _forward_levels() > 1:
+            raise RuntimeError(
+                f"{name.lstrip('_')}: forward mode over forward mode (jvp of jvp, jacfwd of "
+                "jacfwd) through a declarative layer is not supported. For second "
+                "derivatives use torch.func.hessian (jacfwd over jacrev), or double "
+                "backward (torch.autograd.grad(..., create_graph=True))."
+            )
+        return jvp(ctx, *tangents)
+
+    return guarded
+
+
 def forward_from_backward(cls: type | None = None, *, symmetric: bool = False,
                           outputs: int | None = None, jvp: Any = None) -> Any:
     """Class decorator: give a layer's autograd Function a ``jvp`` (forward mode:
@@ -191,7 +215,8 @@ def forward_from_backward(cls: type | None = None, *, symmetric: bool = False,
         eager = type(fn_cls.__name__, (fn_cls,), {
             "__doc__": fn_cls.__doc__,
             "setup_context": staticmethod(setup_context),
-            "jvp": staticmethod(derived_jvp if own_jvp is None else own_jvp),
+            "jvp": staticmethod(_first_order_jvp(fn_cls.__name__, derived_jvp if own_jvp is None
+                                                 else own_jvp)),
         })
         return _Traceable(fn_cls, eager)
 
