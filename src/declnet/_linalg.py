@@ -25,6 +25,7 @@ __all__ = [
     "Factor",
     "IterativeInfo",
     "cholesky_factor",
+    "cholesky_of_scaled",
     "compute_dtype",
     "conjugate_gradient",
     "default_rcond",
@@ -184,11 +185,16 @@ def cholesky_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> 
         definite after scaling.
     """
     s = _jacobi_scale(matrix) if scale is None else scale
-    scaled = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
+    return cholesky_of_scaled(s.unsqueeze(-1) * matrix * s.unsqueeze(-2), s, tol)
+
+
+def cholesky_of_scaled(scaled: Tensor, scale: Tensor, tol: float) -> Factor:
+    """:func:`cholesky_factor` of a matrix given already scaled: ``scaled`` is
+    ``diag(s) M diag(s)`` ``(B, n, n)`` (lower triangle read) and ``scale`` is ``s``."""
     factor, info = torch.linalg.cholesky_ex(scaled)
     diag = factor.diagonal(dim1=-2, dim2=-1).abs()
     ok = _pivots_ok(diag, info, tol, 2)
-    return Factor("cholesky", (_identity_where_bad(factor, ok),), s, ok, scaled)
+    return Factor("cholesky", (_identity_where_bad(factor, ok),), scale, ok, scaled)
 
 
 def lu_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> Factor:

@@ -106,13 +106,14 @@ class Problem:
         self.c = self.p + self.q
 
         # Without (nonlinear) constraints D_Y L = D_Y f: one backward with a graph serves both.
+        # With them, D_Y f is formed on first use (multipliers from the solver, the common
+        # case, do not need it).
         self._grad_l: Tensor | None = None
-        with torch.enable_grad():
-            if self.c == 0 or self.linear:
+        self._gf: Tensor | None = None
+        if self.c == 0 or self.linear:
+            with torch.enable_grad():
                 self._grad_l = self._grad_y(self.f.sum(), create_graph=True)
-                self.gf = self._grad_l if self.graph else self._grad_l.detach()
-            else:
-                self.gf = self._grad_y(self.f.sum(), create_graph=self.graph)
+            self._gf = self._grad_l if self.graph else self._grad_l.detach()
         # A = D_Y h̃ is formed on first use: the matrix-free Schur path never needs it.
         self._A_full: Tensor | None = None
         if self.linear:
@@ -125,6 +126,14 @@ class Problem:
         self._multipliers: Tensor | None = None
         self._jvp_graph: tuple[Tensor, Tensor] | None = None
         self._given_multipliers = self._check_given_multipliers(solution)
+
+    @property
+    def gf(self) -> Tensor:
+        """``D_Y f`` ``(B, m)`` (with its graph in graph mode; formed on first use)."""
+        if self._gf is None:
+            with torch.enable_grad():
+                self._gf = self._grad_y(self.f.sum(), create_graph=self.graph)
+        return self._gf
 
     # -- evaluation helpers ------------------------------------------------------------------
     def _names_of(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -161,6 +170,13 @@ class Problem:
         """``A = D_Y h̃`` ``(B, c, m)`` by one vectorised backward over the ``c`` rows."""
         if self.c == 0 or not self.htil.requires_grad:
             return self.y_flat.new_zeros(self.batch, self.c, self.m)
+        if self.c == 1:  # one row: a plain backward, no batching over rows
+            (jac,) = torch.autograd.grad(
+                self.htil, self.y_flat, torch.ones_like(self.htil), retain_graph=True,
+                allow_unused=True, create_graph=self.graph,
+            )
+            return (self.y_flat.new_zeros(self.batch, 1, self.m) if jac is None
+                    else jac.unsqueeze(1))
         eye = torch.eye(self.c, dtype=self.dtype, device=self.device)
         basis = eye.unsqueeze(1).expand(self.c, self.batch, self.c)
         (jac,) = torch.autograd.grad(
