@@ -77,13 +77,16 @@ def _kkt_residual_ok(Hs: Tensor, As: Tensor, dvec: Tensor, w: Tensor, rhs: Tenso
     w1, w2 = w[:, :m], w[:, m:]
     u1 = w1 / s3
     b1, b2 = s3 * rhs[:, :m], t3 * rhs[:, m:]
-    top = torch.baddbmm(Hs @ u1, As.transpose(1, 2), w2) - b1
+    shared = _shared(Hs)
+    hu = (u1.transpose(1, 2) @ Hs[0].transpose(0, 1)).transpose(1, 2) if shared else Hs @ u1
+    top = torch.baddbmm(hu, As.transpose(1, 2), w2) - b1
     bottom = torch.baddbmm((dvec * t).unsqueeze(-1) * w2, As, u1).mul_(t3) - b2
 
     def sq(x: Tensor) -> Tensor:
         return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim()))).square()
 
-    knorm = (sq(Hs) + 2.0 * sq(As * t3) + sq(dvec * t * t)).sqrt()
+    hnorm = sq(Hs[:1]).expand(Hs.shape[0]) if shared else sq(Hs)
+    knorm = (hnorm + 2.0 * sq(As * t3) + sq(dvec * t * t)).sqrt()
     unorm = (sq(u1) + sq(w2 / t3)).sqrt()
     res = (sq(top) + sq(bottom)).sqrt()
     tol = torch.finfo(Hs.dtype).eps ** 0.5
@@ -262,30 +265,41 @@ def _schur_finish(A: Tensor, dvec: Tensor, S: Tensor, hv: Tensor, hat: Tensor, z
     return w, ok, S
 
 
+def _rows_over(T: Tensor, R: Tensor, upper: bool) -> Tensor:
+    """``R T⁻¹`` for triangular ``T`` ``(B, m, m)`` and rows ``R`` ``(B, n, m)``; one ``T``
+    shared by the batch (expanded) is applied once to all ``B n`` rows."""
+    if _shared(T):
+        B, n, m = R.shape
+        out = torch.linalg.solve_triangular(T[0], R.reshape(B * n, m), upper=upper, left=False)
+        return out.reshape(B, n, m)
+    return torch.linalg.solve_triangular(T, R, upper=upper, left=False)
+
+
 def _schur_cholesky(hf: _linalg.Factor, As: Tensor, dvec: Tensor, rhs: Tensor,
                     tol: float) -> tuple[Tensor, Tensor, Tensor]:
     """The Schur-complement solve through a Cholesky factor of ``H`` (augmented or not).
 
-    With ``diag(s) H diag(s) = L Lᵀ`` (``hf``) and ``As = A diag(s)``, ``Y = L⁻¹ Asᵀ`` and
-    ``u = L⁻¹ diag(s) v`` come from one triangular solve; then ``S = YᵀY`` (symmetric
-    positive semi-definite by construction), ``w₂ = (S + D)⁻¹ (Yᵀu − z)`` and
-    ``w₁ = diag(s) L⁻ᵀ (u − Y w₂)``: two triangular solves in all, no ``H⁻¹Aᵀ``.
+    With ``diag(s) H diag(s) = L Lᵀ`` (``hf``) and ``As = A diag(s)``, the rows
+    ``[Yᵀ; uᵀ] = [As; (diag(s) v)ᵀ] L⁻ᵀ`` come from one triangular solve; then
+    ``S = YᵀY`` (symmetric positive semi-definite by construction),
+    ``w₂ = (S + D)⁻¹ (Yᵀu − z)`` and ``w₁ = diag(s) L⁻ᵀ (u − Y w₂)``: two triangular
+    solves in all, no ``H⁻¹Aᵀ``. (Row form: the solves act on contiguous rows.)
 
     Returns ``(w, ok, S + D)``.
     """
     m, c = As.shape[-1], As.shape[-2]
-    s = hf.scale.to(rhs.dtype).unsqueeze(-1)
+    s = hf.scale.to(rhs.dtype)
     L = hf.data[0]
     v, z = rhs[:, :m], rhs[:, m:]
-    Y = torch.linalg.solve_triangular(L, torch.cat([As.transpose(1, 2), s * v], 2),
-                                      upper=False)
-    Ya, u = Y[..., :c], Y[..., c:]
-    G = Ya.transpose(1, 2) @ Y  # [S, Yᵀu]
+    X = _rows_over(L.transpose(1, 2), torch.cat([As, (s.unsqueeze(-1) * v).transpose(1, 2)], 1),
+                   upper=True)  # (B, c + K, m)
+    Xa, U = X[:, :c], X[:, c:]
+    G = Xa @ X.transpose(1, 2)  # [S, Yᵀu]
     S = G[..., :c] + torch.diag_embed(dvec)
     sf = _linalg.cholesky_factor(S, tol)
-    w2 = sf.solve(G[..., c:] - z)
-    w1 = s * torch.linalg.solve_triangular(L.transpose(1, 2), torch.baddbmm(u, Ya, w2, alpha=-1),
-                                           upper=True)
+    w2 = sf.solve(G[..., c:] - z)  # (B, c, K)
+    r = torch.baddbmm(U, w2.transpose(1, 2), Xa, alpha=-1)  # (u − Y w₂)ᵀ
+    w1 = s.unsqueeze(-1) * _rows_over(L, r, upper=False).transpose(1, 2)
     w = torch.cat([w1, w2], 1)
     ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
     return w, ok, S
