@@ -163,8 +163,15 @@ def dense_hessian(prob: Problem, op: LinearOperator | None) -> Tensor | None:
                  "objective; using the matrix-free solver instead.")
             return None
         blocks.append(rows)
-    H = torch.cat(blocks, 0).transpose(0, 1).to(cd)
-    H = (H + H.transpose(1, 2)).mul_(0.5)
+    rows = torch.cat(blocks, 0)  # (m, B, m): rows[i, b] = (H_b)_i
+    # Symmetrised straight into a contiguous (B, m, m) matrix of the compute dtype (the
+    # factorisations need that layout; a permuted one costs a copy in each of them).
+    if rows.requires_grad:  # double backward: H must keep its graph
+        H = 0.5 * (rows.transpose(0, 1) + rows.permute(1, 2, 0)).to(cd).contiguous()
+    else:
+        H = torch.empty(B, m, m, dtype=cd, device=rows.device)
+        torch.add(rows.transpose(0, 1), rows.permute(1, 2, 0), out=H)
+        H.mul_(0.5)
     if prob.options.damping:
         H = H + prob.options.damping * _eye(m, H)
     return H
