@@ -293,3 +293,78 @@ def test_regular_kkt_around_a_singular_hessian(declare, solver, given):
         g = grad_of(node, [X], v)
     sym = lambda t: 0.5 * (t + t.transpose(1, 2))  # noqa: E731  (X is symmetric)
     torch.testing.assert_close(sym(g), sym(ref), atol=1e-10, rtol=1e-8)
+
+
+class SharedHessianQP(declnet.InequalityConstrainedNode):
+    """``argmin ½ yᵀQy + pᵀy`` s.t. ``G y ≤ h`` at a solution built with known multipliers;
+    ``Q`` ``(n, n)`` is declared once for the batch (a shared Hessian)."""
+
+    def __init__(self, Q, y_star, mu, declare, **kwargs):
+        super().__init__(**kwargs)
+        self.Q, self.y_star, self.mu, self.declare = Q, y_star, mu, declare
+
+    def objective(self, p, G, h, *, y):
+        return 0.5 * (y * (y @ self.Q.T)).sum(-1) + (p * y).sum(-1)
+
+    def inequality_constraints(self, p, G, h, *, y):
+        return (G @ y.unsqueeze(-1)).squeeze(-1) - h
+
+    def solve(self, p, G, h):
+        return declnet.Solution(self.y_star, multipliers=-self.mu,
+                                hessian=self.Q if self.declare else None)
+
+
+def shared_qp(Q, B=6, q=4, seed=20):
+    n = Q.shape[0]
+    G = rand(B, q, n, seed=seed)
+    y_star = rand(B, n, seed=seed + 1)
+    active = torch.arange(q) < q // 2
+    mu = torch.where(active, rand(B, q, seed=seed + 2).abs() + 0.1, 0.0)
+    h = (G @ y_star.unsqueeze(-1)).squeeze(-1) + torch.where(active, 0.0, 1.0)
+    p = -(y_star @ Q.T) - (G.transpose(1, 2) @ mu.unsqueeze(-1)).squeeze(-1)
+    return (p, G, h), y_star, mu, active
+
+
+def kkt_reference(Q, xs, active, v):
+    """``v · Dy`` for ``(p, G, h)`` by autograd through a dense solve of the active KKT."""
+    p, G, h = (x.clone().requires_grad_(True) for x in xs)
+    B, q, n = G.shape
+    Ga = G * active.to(F64).unsqueeze(-1)
+    K = torch.cat([torch.cat([Q.expand(B, n, n), Ga.transpose(1, 2)], 2),
+                   torch.cat([Ga, torch.diag_embed((~active).to(F64).expand(B, q))], 2)], 1)
+    rhs = torch.cat([-p, h * active.to(F64)], 1).unsqueeze(-1)
+    y = torch.linalg.solve(K, rhs).squeeze(-1)[:, :n]
+    return torch.autograd.grad(y, (p, G, h), v)
+
+
+@pytest.mark.parametrize("singular", [False, True])
+def test_hessian_shared_by_the_batch(singular):
+    """A declared ``(n, n)`` Hessian is factorised once for the batch when it is positive
+    definite; a singular one (positive definite on the null space of the active rows only)
+    falls back to the augmented Hessian. Both match a dense KKT solve."""
+    n = 5
+    L = rand(n, n, seed=21)
+    Q = L @ L.T + 0.1 * torch.eye(n, dtype=F64)
+    if singular:  # PSD with Q e₀ = 0: the active rows must cover e₀
+        Q[0, :] = 0.0
+        Q[:, 0] = 0.0
+    xs, y_star, mu, active = shared_qp(Q)
+    v = rand(6, n, seed=22)
+    ref = kkt_reference(Q, xs, active, v)
+    grads = {}
+    for declare in (True, False):
+        node = SharedHessianQP(Q, y_star, mu, declare)
+        xg = [x.clone().requires_grad_(True) for x in xs]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", declnet.DeclarativeWarning)
+            y = node(*xg)
+            grads[declare] = torch.autograd.grad(y, xg, v)
+    for declare, got in grads.items():
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8, msg=f"declare={declare}")
+    if not singular:
+        H = Q.unsqueeze(0).expand(6, n, n)
+        assert _kkt._shared(H)
+        assert _kkt._shared_cholesky(H, xs[1], 1e-12) is not None
+    else:
+        assert _kkt._shared_cholesky(Q.unsqueeze(0).expand(6, n, n), xs[1], 1e-12) is None

@@ -145,7 +145,8 @@ def vjp(
         if prob.c and not prob.linear and prob.htil.requires_grad:
             outputs.append(prob.htil)
             grads_out.append(w2)
-        grads_out = [g.permute(2, 0, 1).contiguous() if multi else g.squeeze(-1)
+        # dJ/dx = −∇ₓ[...]: the sign goes on the (small) weights, not on the gradients.
+        grads_out = [-(g.permute(2, 0, 1).contiguous() if multi else g.squeeze(-1))
                      for g in grads_out]
         if not create_graph:
             grads_out = [g.detach() for g in grads_out]
@@ -157,7 +158,6 @@ def vjp(
             ))
         else:
             raw = [None] * len(targets)
-    raw = [None if g is None else -g for g in raw]
     it = iter(raw)
     x_grads = [next(it) if isinstance(x, Tensor) and x.requires_grad else None
                for x in prob.xs_d]

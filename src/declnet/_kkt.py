@@ -59,38 +59,38 @@ def _kkt_matrix(H: Tensor, A: Tensor, dvec: Tensor) -> Tensor:
     return torch.cat([top, bottom], 1)
 
 
-def _kkt_residual_ok(H: Tensor, A: Tensor, dvec: Tensor, w: Tensor, rhs: Tensor,
-                     s: Tensor, Hs: Tensor | None = None) -> Tensor:
+def _kkt_residual_ok(Hs: Tensor, As: Tensor, dvec: Tensor, w: Tensor, rhs: Tensor,
+                     s: Tensor) -> Tensor:
     """The scaled residual test of :func:`~declnet._linalg.residual_ok` for the KKT system
     ``[[H, Aᵀ], [A, D]] w = rhs``, by blocks (the KKT matrix is not formed).
 
-    ``s`` scales the ``y`` rows (the Cholesky scaling of ``H``, ``Hs = diag(s) H diag(s)``
-    when already formed); each constraint row gets ``t_i = 1 / max_j |A_ij s_j|`` (a power
-    of two), so the test is invariant to the scale of the variables and of the constraints.
+    ``s`` ``(B, m)`` scales the ``y`` rows (the Cholesky scaling of ``H``), ``Hs`` is
+    ``diag(s) H diag(s)`` and ``As`` is ``A diag(s)``; each constraint row gets
+    ``t_i = 1 / max_j |A_ij s_j|`` (a power of two), so the test is invariant to the scale
+    of the variables and of the constraints. In scaled variables ``u = [w₁/s; w₂/t]`` the
+    residual is ``[s (H w₁ + Aᵀ w₂ − v); t (A w₁ + D w₂ − z)]``.
     """
-    m = H.shape[-1]
-    if Hs is None:
-        Hs = s.unsqueeze(-1) * H * s.unsqueeze(-2)
-    As = A * s.unsqueeze(-2)
+    m = Hs.shape[-1]
     rows = As.abs().amax(-1)
     t = torch.exp2(torch.round(-torch.log2(torch.where(rows > 0, rows, 1.0) + dvec)))
-    Ats = As * t.unsqueeze(-1)
-    st = torch.cat([s, t], 1).unsqueeze(-1)
-    u = w / st  # the solution and the right-hand side in scaled variables
-    b = st * rhs
-    u1, u2 = u[:, :m], u[:, m:]
-    dtt = dvec * t * t
-    r = torch.cat([torch.baddbmm(Hs @ u1, Ats.transpose(1, 2), u2),
-                   torch.baddbmm(dtt.unsqueeze(-1) * u2, Ats, u1)], 1) - b
+    s3, t3 = s.unsqueeze(-1), t.unsqueeze(-1)
+    w1, w2 = w[:, :m], w[:, m:]
+    u1 = w1 / s3
+    b1, b2 = s3 * rhs[:, :m], t3 * rhs[:, m:]
+    shared = _shared(Hs)
+    hu = (u1.transpose(1, 2) @ Hs[0].transpose(0, 1)).transpose(1, 2) if shared else Hs @ u1
+    top = torch.baddbmm(hu, As.transpose(1, 2), w2) - b1
+    bottom = torch.baddbmm((dvec * t).unsqueeze(-1) * w2, As, u1).mul_(t3) - b2
 
-    def norm(x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())))
+    def sq(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim()))).square()
 
-    knorm = torch.linalg.vector_norm(
-        torch.stack([norm(Hs), norm(Ats) * 2**0.5, norm(dtt)], -1), dim=-1)
-    res = norm(r)
-    tol = torch.finfo(H.dtype).eps ** 0.5
-    return torch.isfinite(res) & (res <= tol * (knorm * norm(u) + norm(b)))
+    hnorm = sq(Hs[:1]).expand(Hs.shape[0]) if shared else sq(Hs)
+    knorm = (hnorm + 2.0 * sq(As * t3) + sq(dvec * t * t)).sqrt()
+    unorm = (sq(u1) + sq(w2 / t3)).sqrt()
+    res = (sq(top) + sq(bottom)).sqrt()
+    tol = torch.finfo(Hs.dtype).eps ** 0.5
+    return torch.isfinite(res) & (res <= tol * (knorm * unorm + (sq(b1) + sq(b2)).sqrt()))
 
 
 def _replace(x: Tensor, mask: Tensor, values: Tensor) -> Tensor:
@@ -108,6 +108,28 @@ def _tol(prob: Problem) -> float:
 # ---------------------------------------------------------------------------------------
 
 
+def _shared(H: Tensor) -> bool:
+    """Whether the ``(B, m, m)`` matrix ``H`` is one matrix shared by the batch (expanded,
+    e.g. a declared ``(m, m)`` Hessian)."""
+    return H.dim() == 3 and H.shape[0] > 1 and H.stride(0) == 0
+
+
+def _shared_cholesky(H: Tensor, A: Tensor, tol: float) -> tuple[_linalg.Factor, Tensor] | None:
+    """Equilibrated Cholesky of a Hessian shared by the batch, factorised once; None where it
+    is not (numerically) positive definite, so that the augmented one is used.
+
+    Returns the factor, expanded to the batch, and ``A diag(s)``.
+    """
+    B = H.shape[0]
+    f = _linalg.cholesky_factor(H[:1], tol)
+    if not bool(f.ok.all()):
+        return None
+    size = H.shape
+    factor = _linalg.Factor("cholesky", (f.data[0].expand(size),), f.scale.expand(B, -1),
+                            f.ok.expand(B), f.scaled.expand(size))
+    return factor, A * factor.scale.unsqueeze(-2)
+
+
 def hessian_operator(prob: Problem) -> LinearOperator | None:
     """The declared Hessian of the Lagrangian, damped, or None when nothing is declared."""
     op = prob.declared_hessian()
@@ -123,7 +145,10 @@ def dense_hessian(prob: Problem, op: LinearOperator | None) -> Tensor | None:
     objective has an op without a batching rule)."""
     cd = _linalg.compute_dtype(prob.dtype)
     if op is not None:
-        return op.to_dense().to(cd)
+        H = op.to_dense()
+        if _shared(H):  # one matrix for the batch: convert it once, keep it shared
+            return H[:1].to(cd).expand(H.shape)
+        return H.to(cd)
     B, m = prob.batch, prob.m
     itemsize = torch.finfo(prob.dtype).bits // 8
     per_column = max(1, 16 * B * m * itemsize)  # a generous guess of one HVP's footprint
@@ -138,8 +163,15 @@ def dense_hessian(prob: Problem, op: LinearOperator | None) -> Tensor | None:
                  "objective; using the matrix-free solver instead.")
             return None
         blocks.append(rows)
-    H = torch.cat(blocks, 0).transpose(0, 1).to(cd)
-    H = (H + H.transpose(1, 2)).mul_(0.5)
+    rows = torch.cat(blocks, 0)  # (m, B, m): rows[i, b] = (H_b)_i
+    # Symmetrised straight into a contiguous (B, m, m) matrix of the compute dtype (the
+    # factorisations need that layout; a permuted one costs a copy in each of them).
+    if rows.requires_grad:  # double backward: H must keep its graph
+        H = 0.5 * (rows.transpose(0, 1) + rows.permute(1, 2, 0)).to(cd).contiguous()
+    else:
+        H = torch.empty(B, m, m, dtype=cd, device=rows.device)
+        torch.add(rows.transpose(0, 1), rows.permute(1, 2, 0), out=H)
+        H.mul_(0.5)
     if prob.options.damping:
         H = H + prob.options.damping * _eye(m, H)
     return H
@@ -240,30 +272,69 @@ def _schur_finish(A: Tensor, dvec: Tensor, S: Tensor, hv: Tensor, hat: Tensor, z
     return w, ok, S
 
 
-def _augment(H: Tensor, A: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``H + Aᵀ diag(ρ) A``, the right-hand side ``[v + Aᵀρz; z]`` of the same system and
-    the scaling ``s`` that equilibrates both.
+def _rows_over(T: Tensor, R: Tensor, upper: bool) -> Tensor:
+    """``R T⁻¹`` for triangular ``T`` ``(B, m, m)`` and rows ``R`` ``(B, n, m)``; one ``T``
+    shared by the batch (expanded) is applied once to all ``B n`` rows."""
+    if _shared(T):
+        B, n, m = R.shape
+        out = torch.linalg.solve_triangular(T[0], R.reshape(B * n, m), upper=upper, left=False)
+        return out.reshape(B, n, m)
+    return torch.linalg.solve_triangular(T, R, upper=upper, left=False)
+
+
+def _schur_cholesky(hf: _linalg.Factor, As: Tensor, dvec: Tensor, rhs: Tensor,
+                    tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The Schur-complement solve through a Cholesky factor of ``H`` (augmented or not).
+
+    With ``diag(s) H diag(s) = L Lᵀ`` (``hf``) and ``As = A diag(s)``, the rows
+    ``[Yᵀ; uᵀ] = [As; (diag(s) v)ᵀ] L⁻ᵀ`` come from one triangular solve; then
+    ``S = YᵀY`` (symmetric positive semi-definite by construction),
+    ``w₂ = (S + D)⁻¹ (Yᵀu − z)`` and ``w₁ = diag(s) L⁻ᵀ (u − Y w₂)``: two triangular
+    solves in all, no ``H⁻¹Aᵀ``. (Row form: the solves act on contiguous rows.)
+
+    Returns ``(w, ok, S + D)``.
+    """
+    m, c = As.shape[-1], As.shape[-2]
+    s = hf.scale.to(rhs.dtype)
+    L = hf.data[0]
+    v, z = rhs[:, :m], rhs[:, m:]
+    X = _rows_over(L.transpose(1, 2), torch.cat([As, (s.unsqueeze(-1) * v).transpose(1, 2)], 1),
+                   upper=True)  # (B, c + K, m)
+    Xa, U = X[:, :c], X[:, c:]
+    G = Xa @ X.transpose(1, 2)  # [S, Yᵀu]
+    S = G[..., :c] + torch.diag_embed(dvec)
+    sf = _linalg.cholesky_factor(S, tol)
+    w2 = sf.solve(G[..., c:] - z)  # (B, c, K)
+    r = torch.baddbmm(U, w2.transpose(1, 2), Xa, alpha=-1)  # (u − Y w₂)ᵀ
+    w1 = s.unsqueeze(-1) * _rows_over(L, r, upper=False).transpose(1, 2)
+    w = torch.cat([w1, w2], 1)
+    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    return w, ok, S
+
+
+def _augmented_cholesky(H: Tensor, A: Tensor, tol: float) -> tuple[_linalg.Factor, Tensor]:
+    """Equilibrated Cholesky of ``H + Aᵀ diag(ρ) A``; returns the factor and ``A diag(s)``.
 
     For any ``ρ`` the system ``[[H + AᵀρA, Aᵀ], [A, D]] w = [v + Aᵀρz; z]`` has the
     solution of the original one (used rows have ``D = 0``, unused rows ``A = 0``), and the
     augmented Hessian is positive definite wherever the reduced Hessian is, also where ``H``
     itself is singular (an eigenvector on the sphere: ``H = 2(λ₁I − X)`` vanishes along
-    ``y``): Cholesky and the Schur complement then apply to every strict minimum.
+    ``y``): Cholesky and the Schur complement then apply to every strict minimum. The
+    backward's right-hand sides have ``z = 0``, so they are those of the original system.
     ``ρᵢ = 1 / ‖(A diag(s))ᵢ‖²`` with ``s`` the Jacobi scaling of ``H`` puts each added
     term on the scale of the scaled ``H`` (whose diagonal is then between 1 and ``1 + c``,
-    so ``s`` serves the augmented matrix too).
+    so ``s`` serves the augmented matrix too); the scaled augmented matrix is formed
+    directly, ``diag(s) H diag(s) + (A diag(s))ᵀ ρ (A diag(s))``.
     """
-    m = H.shape[-1]
     s = _linalg._jacobi_scale(H)
     As = A * s.unsqueeze(-2)
-    norms = torch.linalg.vector_norm(As, dim=-1).square()
+    norms = As.square().sum(-1)
     positive = norms > 0  # (the inner where keeps the double backward finite)
     rho = torch.where(positive, torch.where(positive, norms, 1.0).reciprocal(), 0.0)
-    rA = rho.unsqueeze(-1) * A
     # Not symmetrised: Cholesky reads the lower triangle only.
-    Haug = torch.baddbmm(H, A.transpose(1, 2), rA)
-    v, z = rhs[:, :m], rhs[:, m:]
-    return Haug, torch.cat([v + rA.transpose(1, 2) @ z, z], 1), s
+    scaled = torch.baddbmm(s.unsqueeze(-1) * H * s.unsqueeze(-2), As.transpose(1, 2),
+                           rho.unsqueeze(-1) * As)
+    return _linalg.cholesky_of_scaled(scaled, s, tol), As
 
 
 def _gram_dependent(prob: Problem, rows: Tensor) -> Tensor:
@@ -319,13 +390,16 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
             w = hf.solve(rhs)
             ok = hf.ok
         else:
-            Haug, rhs_aug, scale = _augment(H, A, rhs)
-            hf = _linalg.cholesky_factor(Haug, tol, scale)
+            # A Hessian shared by the batch (a QP's Q) is factorised once when it is positive
+            # definite; otherwise (or per sample) H + AᵀρA. rhs = [v; 0] is also the
+            # right-hand side of the augmented system.
+            shared = _shared_cholesky(H, A, tol) if _shared(H) else None
+            hf, As = shared if shared is not None else _augmented_cholesky(H, A, tol)
             if not bool(hf.ok.any()):  # indefinite everywhere: straight to LU
                 w = torch.zeros_like(rhs)
                 ok = hf.ok
             else:
-                w, ok_s, S, _ = _schur(prob, hf.solve, rhs_aug)
+                w, ok_s, S = _schur_cholesky(hf, As, dvec, rhs, tol)
                 ok = hf.ok & ok_s
                 # H + AᵀρA positive definite but S singular: the used rows are dependent.
                 dependent = hf.ok & ~ok_s
@@ -336,7 +410,7 @@ def _solve_dense(prob: Problem, H: Tensor, rhs: Tensor, method: str,
             # takes over where it fails.
             checked = ok & ~dependent
             if bool(checked.any()):
-                ok = ok & _kkt_residual_ok(Haug, A, dvec, w, rhs_aug, hf.scale, hf.scaled)
+                ok = ok & _kkt_residual_ok(hf.scaled, As, dvec, w, rhs, hf.scale)
         if bool(ok.all()):
             return KKTResult(w, no)
         # Where the augmented H is not positive definite (or the check failed), LU on the

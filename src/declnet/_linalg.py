@@ -25,6 +25,7 @@ __all__ = [
     "Factor",
     "IterativeInfo",
     "cholesky_factor",
+    "cholesky_of_scaled",
     "compute_dtype",
     "conjugate_gradient",
     "default_rcond",
@@ -145,7 +146,9 @@ class Factor:
     def solve(self, rhs: Tensor) -> Tensor:
         """``M⁻¹ rhs`` for ``rhs`` ``(B, n, K)`` (garbage, but finite, where not ``ok``)."""
         s = self.scale.unsqueeze(-1).to(rhs.dtype)
-        if self.kind == "cholesky":
+        if self.kind == "cholesky" and self.data[0].shape[-1] == 1:
+            z = s * rhs / self.data[0].square()
+        elif self.kind == "cholesky":
             z = torch.cholesky_solve(s * rhs, self.data[0])
         else:
             z = torch.linalg.lu_solve(self.data[0], self.data[1], s * rhs)
@@ -184,11 +187,21 @@ def cholesky_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> 
         definite after scaling.
     """
     s = _jacobi_scale(matrix) if scale is None else scale
-    scaled = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
+    return cholesky_of_scaled(s.unsqueeze(-1) * matrix * s.unsqueeze(-2), s, tol)
+
+
+def cholesky_of_scaled(scaled: Tensor, scale: Tensor, tol: float) -> Factor:
+    """:func:`cholesky_factor` of a matrix given already scaled: ``scaled`` is
+    ``diag(s) M diag(s)`` ``(B, n, n)`` (lower triangle read) and ``scale`` is ``s``."""
+    if scaled.shape[-1] == 1:  # one row (a single constraint): no LAPACK call
+        d = scaled[..., 0, 0]
+        ok = torch.isfinite(d) & (d > 0)
+        factor = torch.where(ok, d, 1.0).sqrt()[..., None, None]
+        return Factor("cholesky", (factor,), scale, ok, scaled)
     factor, info = torch.linalg.cholesky_ex(scaled)
     diag = factor.diagonal(dim1=-2, dim2=-1).abs()
     ok = _pivots_ok(diag, info, tol, 2)
-    return Factor("cholesky", (_identity_where_bad(factor, ok),), s, ok, scaled)
+    return Factor("cholesky", (_identity_where_bad(factor, ok),), scale, ok, scaled)
 
 
 def lu_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> Factor:

@@ -106,13 +106,22 @@ class Problem:
         self.c = self.p + self.q
 
         # Without (nonlinear) constraints D_Y L = D_Y f: one backward with a graph serves both.
+        # With them, D_Y f is formed on first use (multipliers from the solver, the common
+        # case, do not need it).
         self._grad_l: Tensor | None = None
-        with torch.enable_grad():
-            if self.c == 0 or self.linear:
+        self._gf: Tensor | None = None
+        self._given_multipliers = self._check_given_multipliers(solution)
+        # One nonlinear constraint and multipliers by eq. 25 (which needs D_Y f and A): both
+        # are formed with their graphs, and D_Y L = D_Y f − λ A is composed from them
+        # instead of by one more backward pass.
+        self._compose = (self.c == 1 and not self.linear and not self.graph
+                         and self._given_multipliers is None and node.has_objective)
+        self._gf_graph: Tensor | None = None
+        self._A_graph: Tensor | None = None
+        if self.c == 0 or self.linear:
+            with torch.enable_grad():
                 self._grad_l = self._grad_y(self.f.sum(), create_graph=True)
-                self.gf = self._grad_l if self.graph else self._grad_l.detach()
-            else:
-                self.gf = self._grad_y(self.f.sum(), create_graph=self.graph)
+            self._gf = self._grad_l if self.graph else self._grad_l.detach()
         # A = D_Y h̃ is formed on first use: the matrix-free Schur path never needs it.
         self._A_full: Tensor | None = None
         if self.linear:
@@ -124,7 +133,18 @@ class Problem:
         self._apply_mask()
         self._multipliers: Tensor | None = None
         self._jvp_graph: tuple[Tensor, Tensor] | None = None
-        self._given_multipliers = self._check_given_multipliers(solution)
+
+    @property
+    def gf(self) -> Tensor:
+        """``D_Y f`` ``(B, m)`` (with its graph in graph mode; formed on first use)."""
+        if self._gf is None:
+            with torch.enable_grad():
+                if self._compose:
+                    self._gf_graph = self._grad_y(self.f.sum(), create_graph=True)
+                    self._gf = self._gf_graph.detach()
+                else:
+                    self._gf = self._grad_y(self.f.sum(), create_graph=self.graph)
+        return self._gf
 
     # -- evaluation helpers ------------------------------------------------------------------
     def _names_of(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -161,6 +181,19 @@ class Problem:
         """``A = D_Y h̃`` ``(B, c, m)`` by one vectorised backward over the ``c`` rows."""
         if self.c == 0 or not self.htil.requires_grad:
             return self.y_flat.new_zeros(self.batch, self.c, self.m)
+        if self.c == 1:  # one row: a plain backward, no batching over rows
+            with torch.enable_grad():
+                (jac,) = torch.autograd.grad(
+                    self.htil, self.y_flat, torch.ones_like(self.htil), retain_graph=True,
+                    allow_unused=True, create_graph=self.graph or self._compose,
+                )
+                if jac is None:
+                    return self.y_flat.new_zeros(self.batch, 1, self.m)
+                jac = jac.unsqueeze(1)  # (under enable_grad: keeps its graph)
+            if self._compose:
+                self._A_graph = jac
+                return jac.detach()
+            return jac
         eye = torch.eye(self.c, dtype=self.dtype, device=self.device)
         basis = eye.unsqueeze(1).expand(self.c, self.batch, self.c)
         (jac,) = torch.autograd.grad(
@@ -301,6 +334,12 @@ class Problem:
         """``D_Y L(x, y, λ)`` ``(B, m)`` with a graph for second derivatives (λ fixed)."""
         if self._grad_l is not None:
             return self._grad_l
+        if self._compose:
+            _ = (self.gf, self.A_full)  # formed with their graphs
+            if self._gf_graph is not None and self._A_graph is not None:
+                with torch.enable_grad():
+                    self._grad_l = self._gf_graph - self.multipliers * self._A_graph[:, 0]
+                return self._grad_l
         with torch.enable_grad(), self._evaluating():
             if not self.htil.requires_grad:
                 total = self.f.sum()
