@@ -88,6 +88,22 @@ class EntropicTransport(declnet.EqualityConstrainedNode):
         return declnet.DiagonalOperator(1.0 / (self.gamma * y.flatten(1)))
 
 
+def marginal_jacobian(B, n, k, all_marginals=False, dtype=torch.float64):
+    """The Jacobian of a plan's marginals ``[P 1; Pᵀ 1]`` (the last column sum dropped
+    unless ``all_marginals``) as a sparse COO tensor ``(B, n + k [− 1], n k)``."""
+    ii, ll = torch.meshgrid(torch.arange(n), torch.arange(k), indexing="ij")
+    j = (ii * k + ll).reshape(-1)
+    rows = torch.cat([ii.reshape(-1), n + ll.reshape(-1)])
+    cols = torch.cat([j, j])
+    c = n + k if all_marginals else n + k - 1
+    keep = rows < c
+    rows, cols = rows[keep], cols[keep]
+    nnz = rows.numel()
+    index = torch.stack([torch.arange(B).repeat_interleave(nnz), rows.repeat(B), cols.repeat(B)])
+    return torch.sparse_coo_tensor(index, torch.ones(B * nnz, dtype=dtype), (B, c, n * k),
+                                   check_invariants=True)
+
+
 def transport_vjp_closed_form(P, v, gamma):
     """``dJ/dM`` for entropic OT by the structured formula (float64, pseudo-inverse).
 

@@ -212,17 +212,22 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
     itemsize = torch.finfo(prob.dtype).bits // 8
     block = int(max(1, min(c, _SCHUR_BLOCK_BYTES // max(1, B * m * itemsize),
                            prob.options.memory_budget // max(1, 4 * B * m * itemsize))))
-    eye = _eye(c, hv).to(prob.dtype)
-    cols = []
-    for start in range(0, c, block):  # blocks only bound memory
-        E = eye[start:start + block].unsqueeze(1).expand(-1, B, c)
-        at = prob.constraint_vjp(E)  # (k, B, m): rows of A
-        if inv_diag is not None:
-            hat = at / inv_diag
-        else:
-            hat = hsolve(at.permute(1, 2, 0).to(cd)).permute(2, 0, 1)
-        cols.append(prob.constraint_jvp(hat.to(prob.dtype)))
-    S = torch.cat(cols, 0).permute(1, 2, 0).to(cd)  # (B, c, c)
+    S = None
+    if prob.sparse_A and inv_diag is not None:
+        S = prob.sparse_schur(inv_diag)  # from the declared sparse A: O(nnz) work
+        S = None if S is None else S.to(cd)
+    if S is None:
+        eye = _eye(c, hv).to(prob.dtype)
+        cols = []
+        for start in range(0, c, block):  # blocks only bound memory
+            E = eye[start:start + block].unsqueeze(1).expand(-1, B, c)
+            at = prob.constraint_vjp(E)  # (k, B, m): rows of A
+            if inv_diag is not None:
+                hat = at / inv_diag
+            else:
+                hat = hsolve(at.permute(1, 2, 0).to(cd)).permute(2, 0, 1)
+            cols.append(prob.constraint_jvp(hat.to(prob.dtype)))
+        S = torch.cat(cols, 0).permute(1, 2, 0).to(cd)  # (B, c, c)
     S = S + torch.diag_embed(prob.inactive_diagonal.to(cd))
     S = 0.5 * (S + S.transpose(1, 2))
     sf = _linalg.cholesky_factor(S, _tol(prob))

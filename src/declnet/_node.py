@@ -46,7 +46,8 @@ class DeclarativeNode(nn.Module):
     chooses its solver from that structure (``docs/concepts.md``); ``Solution.hessian``
     from ``solve`` does the same and wins. Constrained nodes may likewise return the
     constraint Jacobian ``D_Y h̃`` ``(B, p + q, m)`` (equalities first) from
-    ``constraint_jacobian(*xs, y)``.
+    ``constraint_jacobian(*xs, y)``, dense or as a sparse COO tensor (then, with a
+    diagonal Hessian, the Schur complement is formed from its entries).
 
     Calling the node solves and returns a differentiable ``y``; its backward pass solves
     one linear system per sample (the Hessian of the objective, or the KKT matrix for

@@ -124,10 +124,16 @@ class Problem:
             self._gf = self._grad_l if self.graph else self._grad_l.detach()
         # A = D_Y h̃ is formed on first use: the matrix-free Schur path never needs it.
         self._A_full: Tensor | None = None
+        self._A_sparse: Tensor | None = None  # a declared sparse A (coalesced COO)
+        self._pairs: tuple[Tensor, ...] | None = None
         if self.linear:
             self._A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
         else:
-            self._A_full = self._declared_constraint_jacobian()
+            declared = self._declared_constraint_jacobian()
+            if declared is not None and declared.is_sparse:
+                self._A_sparse = declared
+            else:
+                self._A_full = declared
         self.active = self._active_set(solution)
         self.dropped = torch.zeros_like(self.active)
         self._apply_mask()
@@ -221,9 +227,24 @@ class Problem:
             raise ValueError(
                 f"{node_name(self.node)}.constraint_jacobian must return a tensor of shape "
                 f"{expected} (B, p + q, m: equality rows first, then inequality rows, y "
-                f"flattened), got "
+                f"flattened), dense or sparse, got "
                 f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}."
             )
+        if value.layout != torch.strided:
+            if value.layout != torch.sparse_coo:
+                raise ValueError(
+                    f"{node_name(self.node)}.constraint_jacobian returned a {value.layout} "
+                    "tensor; a sparse constraint Jacobian must be a sparse COO tensor "
+                    "(torch.sparse_coo_tensor, or .to_sparse() of a dense one)."
+                )
+            if value.sparse_dim() != 3:
+                raise ValueError(
+                    f"{node_name(self.node)}.constraint_jacobian: a sparse constraint "
+                    f"Jacobian must be sparse in all 3 dimensions (B, p + q, m), got "
+                    f"sparse_dim() = {value.sparse_dim()}."
+                )
+            # Not coalesced: repeated entries add up in every product used below.
+            return value.to(device=self.device, dtype=self.dtype)
         return value.to(device=self.device, dtype=self.dtype)
 
     def _active_set(self, solution: Any) -> Tensor:
@@ -260,8 +281,84 @@ class Problem:
     def A_full(self) -> Tensor:
         """``A = D_Y h̃`` ``(B, c, m)`` of every constraint row (formed on first use)."""
         if self._A_full is None:
-            self._A_full = self._constraint_jacobian()
+            self._A_full = (self._constraint_jacobian() if self._A_sparse is None
+                            else self._A_sparse.to_dense())
         return self._A_full
+
+    @property
+    def sparse_A(self) -> bool:
+        """Whether the node declared a sparse ``A`` (and it is not formed densely)."""
+        return self._A_sparse is not None and self._A_full is None
+
+    def _sparse_entries(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(row, col, b, a)`` of the declared sparse ``A``: flat indices into ``(B·c)``
+        and ``(B·m)``, the sample, and the values (those of unused rows 0)."""
+        if self._pairs is None:
+            b, i, j = self._A_sparse._indices()
+            self._pairs = (b * self.c + i, b * self.m + j, b)
+        row, col, b = self._pairs[:3]
+        a = self._A_sparse._values()
+        if not self.all_used:
+            a = a * self.used.reshape(-1)[row].to(a.dtype)
+        return row, col, b, a
+
+    def sparse_schur(self, d: Tensor, max_per_column: int = 16) -> Tensor | None:
+        """``S = A diag(d)⁻¹ Aᵀ`` ``(B, c, c)`` from a declared sparse ``A``, in
+        ``O(nnz · k)`` with ``k`` the most entries in one column of ``A`` (two for a
+        transport plan's marginals), instead of ``O(c m)``. ``d`` ``(B, m)``. None when a
+        column holds more than ``max_per_column`` entries (then S is formed otherwise)."""
+        row, col, b, a = self._sparse_entries()
+        B, c = self.batch, self.c
+        if len(self._pairs) == 3:
+            pairs = self._column_pairs(col, max_per_column)
+            if pairs is None:
+                return None
+            self._pairs = (*self._pairs, pairs)
+        first, second, valid = self._pairs[3]
+        local = row - b * c
+        at = b * (c * c) + local * c  # the start of each entry's row of S
+        scaled = a / d.to(a.dtype).reshape(-1).index_select(0, col)
+        S = torch.zeros(B * c * c, dtype=a.dtype, device=a.device)
+        S.index_add_(0, at + local, scaled * a)  # each entry with itself: the diagonal
+        if first.numel():  # two entries of one column: an off-diagonal term
+            term = scaled.index_select(0, first) * a.index_select(0, second)
+            S.index_add_(0, at.index_select(0, first) + local.index_select(0, second),
+                         torch.where(valid, term, 0.0))
+        return S.view(B, c, c)
+
+    @staticmethod
+    def _column_pairs(col: Tensor, most: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Ordered pairs ``(e₁, e₂)``, ``e₁ ≠ e₂``, of entries in the same column (``col``:
+        each entry's column) as ``(first, second, valid)``: pairs where ``valid`` is False
+        are padding. None when a column holds more than ``most`` entries. No sort: slot
+        ``t`` of every column is its ``t``-th smallest entry index, found by a minimum."""
+        n = col.numel()
+        size = int(col.max()) + 1 if n else 0
+        index = torch.arange(n, device=col.device)
+        free = index
+        slots = []
+        while True:
+            slot = torch.full((size,), n, dtype=torch.long, device=col.device)
+            slot.scatter_reduce_(0, col, free, "amin")
+            if not bool((slot < n).any()):
+                break
+            if len(slots) == most:
+                return None
+            slots.append(slot)
+            claimed = slot.index_select(0, col) == index
+            free = torch.where(claimed, n, free)
+        firsts, seconds = [], []
+        for s_, first in enumerate(slots):
+            for t, second in enumerate(slots):
+                if s_ != t:
+                    firsts.append(first)
+                    seconds.append(second)
+        if not firsts:
+            empty = col.new_zeros(0)
+            return empty, empty, empty.bool()
+        first, second = torch.cat(firsts), torch.cat(seconds)
+        valid = (first < n) & (second < n)
+        return first.clamp(max=n - 1), second.clamp(max=n - 1), valid
 
     @property
     def A_formed(self) -> bool:
@@ -404,6 +501,12 @@ class Problem:
         for constraints such as a transport plan's marginals that is ``O(K m)`` instead of
         ``O(K c m)``. Fixed linear constraints use their matrix.
         """
+        if self.sparse_A:
+            row, col, _, a = self._sparse_entries()
+            out = Z.new_zeros(Z.shape[0], self.batch * self.c)
+            z = Z.reshape(Z.shape[0], -1).index_select(1, col)
+            out.index_add_(1, row, z * a.to(Z.dtype))
+            return out.view(Z.shape[0], self.batch, self.c)
         if self.linear or not self.htil.requires_grad:
             return (self.A.unsqueeze(0) @ Z.unsqueeze(-1)).squeeze(-1)
         if self._jvp_graph is None:  # g(u) = Aᵀu with its graph, built once
@@ -426,6 +529,12 @@ class Problem:
         One vectorised backward through the constraints when ``A`` has not been formed,
         else a product with it.
         """
+        if self.sparse_A:
+            row, col, _, a = self._sparse_entries()
+            out = W.new_zeros(W.shape[0], self.batch * self.m)
+            w = W.reshape(W.shape[0], -1).index_select(1, row)
+            out.index_add_(1, col, w * a.to(W.dtype))
+            return out.view(W.shape[0], self.batch, self.m)
         if self.A_formed or not self.htil.requires_grad:
             return (W.unsqueeze(-2) @ self.A_solve.unsqueeze(0)).squeeze(-2)
         if not self.all_used:
