@@ -171,7 +171,9 @@ def robust_pool(
       form an interval its midpoint is returned.
     - ``TruncatedQuadratic``: the exact global minimum by enumerating the inlier windows of
       the sorted data with prefix sums (O(n log n)); ties between windows are broken
-      arbitrarily.
+      arbitrarily. Rows of at least 64 values first bound the objective on a histogram
+      around the median and enumerate only the windows the minimiser can have (same
+      answer); rows the bounds cannot certify use the full enumeration.
     - ``Welsch``: multi-start (mean, data quantiles, dense windows) safeguarded Newton /
       mean-shift;
       the lowest objective found, usually but not always the global minimum.
