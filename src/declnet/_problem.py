@@ -493,6 +493,15 @@ class Problem:
             return None
         return torch.zeros_like(columns) if rows is None else rows
 
+    def _sparse_product(self, X: Tensor, transpose: bool) -> Tensor:
+        """``A xₖ`` (``X`` ``(K, B, m)`` -> ``(K, B, c)``) or, with ``transpose``, ``Aᵀ xₖ``
+        (``(K, B, c)`` -> ``(K, B, m)``) with the declared sparse ``A``: ``O(K nnz)``."""
+        row, col, _, a = self._sparse_entries()
+        src, dst, size = (row, col, self.m) if transpose else (col, row, self.c)
+        out = X.new_zeros(X.shape[0], self.batch * size)
+        out.index_add_(1, dst, X.reshape(X.shape[0], -1).index_select(1, src) * a.to(X.dtype))
+        return out.view(X.shape[0], self.batch, size)
+
     def constraint_jvp(self, Z: Tensor) -> Tensor:
         """``A zₖ`` for ``K`` directions ``Z`` ``(K, B, m)`` -> ``(K, B, c)`` (used rows only).
 
@@ -502,11 +511,7 @@ class Problem:
         ``O(K c m)``. Fixed linear constraints use their matrix.
         """
         if self.sparse_A:
-            row, col, _, a = self._sparse_entries()
-            out = Z.new_zeros(Z.shape[0], self.batch * self.c)
-            z = Z.reshape(Z.shape[0], -1).index_select(1, col)
-            out.index_add_(1, row, z * a.to(Z.dtype))
-            return out.view(Z.shape[0], self.batch, self.c)
+            return self._sparse_product(Z, transpose=False)
         if self.linear or not self.htil.requires_grad:
             return (self.A.unsqueeze(0) @ Z.unsqueeze(-1)).squeeze(-1)
         if self._jvp_graph is None:  # g(u) = Aᵀu with its graph, built once
@@ -530,11 +535,7 @@ class Problem:
         else a product with it.
         """
         if self.sparse_A:
-            row, col, _, a = self._sparse_entries()
-            out = W.new_zeros(W.shape[0], self.batch * self.m)
-            w = W.reshape(W.shape[0], -1).index_select(1, row)
-            out.index_add_(1, col, w * a.to(W.dtype))
-            return out.view(W.shape[0], self.batch, self.m)
+            return self._sparse_product(W, transpose=True)
         if self.A_formed or not self.htil.requires_grad:
             return (W.unsqueeze(-2) @ self.A_solve.unsqueeze(0)).squeeze(-2)
         if not self.all_used:
