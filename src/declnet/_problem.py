@@ -125,7 +125,8 @@ class Problem:
         # A = D_Y h̃ is formed on first use: the matrix-free Schur path never needs it.
         self._A_full: Tensor | None = None
         self._A_sparse: Tensor | None = None  # a declared sparse A (coalesced COO)
-        self._pairs: tuple[Tensor, ...] | None = None
+        self._sparse_index: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._same_column: tuple[Tensor, Tensor, Tensor] | None = None
         if self.linear:
             self._A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
         else:
@@ -290,33 +291,32 @@ class Problem:
         """Whether the node declared a sparse ``A`` (and it is not formed densely)."""
         return self._A_sparse is not None and self._A_full is None
 
-    def _sparse_entries(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(row, col, b, a)`` of the declared sparse ``A``: flat indices into ``(B·c)``
-        and ``(B·m)``, the sample, and the values (those of unused rows 0)."""
-        if self._pairs is None:
+    def _sparse_entries(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(row, col, i, at, a)`` of the declared sparse ``A``: each entry's flat index
+        into ``(B·c)`` and ``(B·m)``, its constraint row, the flat index of its row of a
+        ``(B, c, c)`` matrix, and the values (those of unused rows 0)."""
+        if self._sparse_index is None:
             b, i, j = self._A_sparse._indices()
-            self._pairs = (b * self.c + i, b * self.m + j, b)
-        row, col, b = self._pairs[:3]
+            self._sparse_index = (b * self.c + i, b * self.m + j, i, (b * self.c + i) * self.c)
+        row, col, i, at = self._sparse_index
         a = self._A_sparse._values()
         if not self.all_used:
             a = a * self.used.reshape(-1)[row].to(a.dtype)
-        return row, col, b, a
+        return row, col, i, at, a
 
     def sparse_schur(self, d: Tensor, max_per_column: int = 16) -> Tensor | None:
         """``S = A diag(d)⁻¹ Aᵀ`` ``(B, c, c)`` from a declared sparse ``A``, in
         ``O(nnz · k)`` with ``k`` the most entries in one column of ``A`` (two for a
         transport plan's marginals), instead of ``O(c m)``. ``d`` ``(B, m)``. None when a
         column holds more than ``max_per_column`` entries (then S is formed otherwise)."""
-        row, col, b, a = self._sparse_entries()
+        _, col, local, at, a = self._sparse_entries()
         B, c = self.batch, self.c
-        if len(self._pairs) == 3:
+        if self._same_column is None:
             pairs = self._column_pairs(col, max_per_column)
             if pairs is None:
                 return None
-            self._pairs = (*self._pairs, pairs)
-        first, second, valid = self._pairs[3]
-        local = row - b * c
-        at = b * (c * c) + local * c  # the start of each entry's row of S
+            self._same_column = pairs
+        first, second, valid = self._same_column
         scaled = a / d.to(a.dtype).reshape(-1).index_select(0, col)
         S = torch.zeros(B * c * c, dtype=a.dtype, device=a.device)
         S.index_add_(0, at + local, scaled * a)  # each entry with itself: the diagonal
@@ -496,7 +496,7 @@ class Problem:
     def _sparse_product(self, X: Tensor, transpose: bool) -> Tensor:
         """``A xₖ`` (``X`` ``(K, B, m)`` -> ``(K, B, c)``) or, with ``transpose``, ``Aᵀ xₖ``
         (``(K, B, c)`` -> ``(K, B, m)``) with the declared sparse ``A``: ``O(K nnz)``."""
-        row, col, _, a = self._sparse_entries()
+        row, col, _, _, a = self._sparse_entries()
         src, dst, size = (row, col, self.m) if transpose else (col, row, self.c)
         out = X.new_zeros(X.shape[0], self.batch * size)
         out.index_add_(1, dst, X.reshape(X.shape[0], -1).index_select(1, src) * a.to(X.dtype))

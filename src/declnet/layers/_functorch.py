@@ -197,9 +197,8 @@ def forward_from_backward(cls: type | None = None, *, symmetric: bool = False,
                 return tuple(torch.zeros_like(tangents[i]) if grads[i] is None else grads[i]
                              for i in idx)
 
-            zeros = tuple(torch.zeros(s, dtype=dt, device=dev) if ok else None
-                          for (s, dt, dev), ok in zip(meta, differentiable))
-            primals = tuple(z for z in zeros if z is not None)
+            primals = tuple(torch.zeros(s, dtype=dt, device=dev)
+                            for (s, dt, dev), ok in zip(meta, differentiable) if ok)
 
             def on_floats(*vs: Tensor) -> tuple[Tensor, ...]:
                 it = iter(vs)
