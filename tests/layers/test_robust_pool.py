@@ -484,3 +484,112 @@ def test_eager_kernels_in_blocks_of_rows_give_the_same_answers(name, monkeypatch
     torch.testing.assert_close(y2, y1, rtol=0, atol=1e-14)
     torch.testing.assert_close(gx2, gx1, rtol=0, atol=1e-14)
     torch.testing.assert_close(ga2, ga1, rtol=0, atol=1e-14)
+
+
+def _pseudo_huber_bisection(x, alpha, steps=2200):
+    """float64 bisection on g(u) = Σ φ'(u − x_i) over [min x, max x] (any scale)."""
+    x = x.to(F64)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    for _ in range(steps):
+        mid = lo + 0.5 * (hi - lo)
+        g = PseudoHuber(alpha).dphi(mid - x).sum(-1, keepdim=True)
+        hi, lo = torch.where(g > 0, mid, hi), torch.where(g > 0, lo, mid)
+    return (0.5 * (lo + hi)).squeeze(-1)
+
+
+def _hostile_rows(n=300, seed=31):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(6, n, generator=gen, dtype=F64)
+    z[0] = z[0].sort().values  # the prefix used as the start lies in the lower tail
+    z[1, :128] = -50.0  # a start far from the bulk of the data
+    z[2, ::7] = 1e6  # far outliers
+    z[3] = torch.exp(3 * z[3])  # skewed, spanning orders of magnitude
+    z[4, :] = z[4, :1]  # all equal
+    z[5, 200:] = 40.0  # a prefix that holds none of the outlying mass
+    return z
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("alpha", [1e-3, 1.0, 100.0])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_pseudo_huber_hostile_starts_match_a_bisection_reference(dtype, alpha, scale):
+    x = (_hostile_rows() * scale).to(dtype)
+    a = alpha * scale
+    y = robust_pool(x, PseudoHuber(a))
+    ref = _pseudo_huber_bisection(x, a)
+    # The root is determined to eps · (|y| + α n / Σφ'') (rounding in g over its slope).
+    t = (ref.unsqueeze(-1) - x.to(F64)) / a
+    curvature = (1 + t * t).pow(-1.5).sum(-1)
+    eps = torch.finfo(dtype).eps
+    tol = 8 * eps * (ref.abs() + a * x.shape[-1] / curvature)
+    err = (y.to(F64) - ref).abs()
+    assert (err <= tol).all(), (err / tol).max()
+
+
+@pytest.mark.parametrize("dtype, passes", [(torch.float32, 2), (F64, 3)])
+def test_pseudo_huber_gaussian_rows_take_few_passes(dtype, passes, monkeypatch):
+    # The start (a prefix mean) is about 0.1 from the root; the first pass evaluates the
+    # sums there, and each Halley step cubes the error: 1e-3, 1e-9 (float32 precision),
+    # then 1e-27 (float64 precision).
+    kernels = sys.modules["declnet.layers._kernels"]
+    calls = []
+    for name in ("pseudo_huber_first_sums", "pseudo_huber_sums"):
+        fn = kernels._EAGER[name]
+
+        def counted(*args, _fn=fn, _name=name):
+            calls.append(_name)
+            return _fn(*args)
+
+        monkeypatch.setitem(kernels._EAGER, name, counted)
+    x = rand(64, 256, seed=32).to(dtype)
+    y = robust_pool(x, PseudoHuber(1.0))
+    assert calls == ["pseudo_huber_first_sums"] + ["pseudo_huber_sums"] * (passes - 1)
+    ref = _pseudo_huber_bisection(x, 1.0)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.to(F64), ref, rtol=2 * eps, atol=2 * eps)
+
+
+def _offset_rows(offset, alpha, dtype, seed=33):
+    """Gaussian rows shifted by ``offset``, with 128 of 300 values moved 50 α down: for small
+    α most values are isolated, the objective has kinks or many local minima near the root."""
+    x = rand(64, 300, seed=seed) + offset
+    x[:, :128] -= 50 * alpha
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+@pytest.mark.parametrize("offset", [0.0, 100.0, 1e4])
+@pytest.mark.parametrize("alpha", [1e-3, 1e-2])
+def test_small_alpha_far_from_zero_reaches_a_stationary_point(name, offset, alpha):
+    # A step small beside |u| is not small beside α: rows must not stop there. g must change
+    # sign (from − to +: a minimum) within a few units in the last place of y.
+    x = _offset_rows(offset, alpha, F64)
+    pen = make(name, alpha)
+    y = robust_pool(x, pen)
+    d = 4 * torch.finfo(F64).eps * (y.abs() + alpha)
+    g = pen.dphi(torch.stack([y - d, y + d], -1).unsqueeze(-1) - x.unsqueeze(-2)).sum(-1)
+    rounding = 8 * x.shape[-1] * alpha * torch.finfo(F64).eps
+    assert (g[:, 0] <= rounding).all() and (g[:, 1] >= -rounding).all()
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_rows_converged_early_are_not_moved_by_later_steps(name, dtype):
+    # Rows that converge first stay in the batch while the others iterate; their answers
+    # must equal those of the rows pooled alone.
+    x = _offset_rows(0.0, 1e-2, dtype, seed=34)
+    pen = make(name, 1e-2)
+    y = robust_pool(x, pen)
+    alone = torch.cat([robust_pool(x[i : i + 1], pen) for i in range(x.shape[0])])
+    torch.testing.assert_close(y, alone, rtol=0, atol=0)
+
+
+def test_pseudo_huber_alpha_below_float_spacing_returns_the_data_point():
+    # At 1e200 with α = 0.5 pseudo-Huber is the median to the resolution of floats: the
+    # answer is the middle value itself (not a neighbouring float), with all weight on it.
+    x = (1e200 * rand(6, 9, seed=35)).requires_grad_()
+    y = robust_pool(x, PseudoHuber(0.5))
+    median = x.detach().median(-1).values
+    torch.testing.assert_close(y.detach(), median, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, (x.detach() == median.unsqueeze(-1)).to(F64))

@@ -116,10 +116,23 @@ def shortest_window(s: Tensor, k: int) -> Tensor:
     return (s[:, k:] - s[:, :-k]).argmin(-1, keepdim=True)
 
 
-def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """Σ φ'(u − x_i) and Σ φ''(u − x_i) for the pseudo-Huber penalty; each ``(M, 1)``."""
+def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """With ``q_i = t_i / sqrt(1 + t_i²)`` and ``r_i = (1 + t_i²)^(-1/2)``: Σ q_i, Σ r_i³ and
+    Σ q_i r_i⁴; each ``(M, 1)``.
+
+    For the pseudo-Huber penalty these are ``Σφ'(u − x_i) / α``, ``Σφ''`` and
+    ``−α Σφ''' / 3``: what a Halley step needs.
+    """
     q, r = _pseudo_huber_terms((u - x) / a)
-    return a * q.sum(-1, keepdim=True), (r * r * r).sum(-1, keepdim=True)
+    r3 = r * r * r
+    return q.sum(-1, keepdim=True), r3.sum(-1, keepdim=True), (q * r3 * r).sum(-1, keepdim=True)
+
+
+def pseudo_huber_first_sums(
+    x: Tensor, u: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`row_stats` of ``x`` and :func:`pseudo_huber_sums` at ``u``, in one pass."""
+    return row_stats(x) + pseudo_huber_sums(x, u, a)
 
 
 def huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -288,6 +301,7 @@ _EAGER: dict[str, Callable[..., object]] = {
         row_stats,
         shortest_window,
         pseudo_huber_sums,
+        pseudo_huber_first_sums,
         huber_sums,
         welsch_sums,
         pseudo_huber_backward_sums,

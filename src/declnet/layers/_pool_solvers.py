@@ -76,39 +76,68 @@ def _rows(a: Tensor, idx: Tensor) -> Tensor:
 # Forward solvers. Each takes x (M, n) and a (0-d or (M, 1)) and returns y (M, 1).
 
 
+def _step_tolerance(u: Tensor, a: Tensor, rtol: float, eps: float) -> Tensor:
+    """The largest step that counts as small: ``max(rtol √((|u| + α) α), 2 eps |u|)``.
+
+    With ``rtol = √eps``, a Newton step ``s`` this small leaves an error ``K s²`` (``K`` of
+    order ``1 / α``) below ``eps (|u| + α)``, however small ``α`` is beside ``|u|`` (a
+    tolerance ``rtol (|u| + α)`` would stop rows far from the root when ``α ≪ |u|``). A step
+    within two units in the last place of ``u`` is small: ``u`` cannot be resolved further.
+    Computed without overflow or underflow for every finite ``u`` and ``α > 0``.
+    """
+    root = (0.5 * u.abs() + 0.5 * a).sqrt() * a.sqrt()  # √((|u| + α) α) / √2
+    return torch.maximum(rtol * math.sqrt(2.0) * root, 2 * eps * u.abs())
+
+
 def _iterate_rows(
-    update: Callable[[Tensor, Tensor, tuple[Tensor, ...]], tuple[tuple[Tensor, ...], Tensor]],
+    update: Callable[[Tensor, Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
     x: Tensor,
     a: Tensor,
     state: tuple[Tensor, ...],
     rtol: float,
     max_iter: int,
     polish: int,
+    pending: Tensor | None = None,
 ) -> Tensor:
-    """Run ``state, step = update(x, a, state)`` per row until each row has converged.
+    """Run ``state, step[, final] = update(x, a, state)`` per row until each row has converged.
 
-    ``state[0]`` is the estimate ``u (M, 1)``. A row has converged once its step has been at
-    most ``rtol · (|u| + α)`` on ``polish + 1`` iterations (NaN rows count as converged).
-    When at least half of the remaining rows have converged they are set aside, so a few
-    slow rows never cost full passes over the input. Returns the final ``u (M, 1)``.
+    ``state[0]`` is the estimate ``u (M, 1)``. A row has converged once its step has been
+    small (:func:`_step_tolerance`) on ``polish + 1`` iterations (NaN rows count as
+    converged), or
+    as soon as ``update`` returns a ``final`` mask ``(M, 1)`` true for it (a step known to
+    have reached machine precision). ``pending`` ``(M, 1)`` int32, when given, is how many
+    more small steps each row needs at the start (0: already converged). When at least half
+    of the remaining rows have converged they are set aside, so a few slow rows never cost
+    full passes over the input. A converged row's state is never changed again. Returns
+    the final ``u (M, 1)``.
     """
     result = state[0].clone()
     rows = torch.arange(x.shape[0], device=x.device)
-    pending = torch.full_like(state[0], polish + 1, dtype=torch.int32)
-    for _ in range(max_iter):
-        state, step = update(x, a, state)
-        small = ~(step > rtol * (state[0].abs() + a))
-        pending = pending - small.to(torch.int32)
+    eps = _finfo(x).eps
+    if pending is None:
+        pending = torch.full_like(state[0], polish + 1, dtype=torch.int32)
+    for it in range(max_iter + 1):
         done = (pending <= 0).squeeze(-1)
         n_done = int(done.sum())
-        if n_done == rows.numel():
+        if n_done == rows.numel() or it == max_iter:
             break
-        if 2 * n_done >= rows.numel():
+        if n_done and 2 * n_done >= rows.numel():
             result[rows[done]] = state[0][done]
             keep = (~done).nonzero().squeeze(-1)
             rows, x, pending = rows[keep], x[keep], pending[keep]
             a = a if a.dim() == 0 else a[keep]
             state = tuple(t[keep] for t in state)
+            n_done = 0
+        out = update(x, a, state)
+        new_state = out[0]
+        if n_done:  # converged rows still in the batch keep their state
+            frozen = done.unsqueeze(-1)
+            new_state = tuple(torch.where(frozen, t, t_new) for t, t_new in zip(state, new_state))
+        state, step = new_state, out[1]
+        small = ~(step > _step_tolerance(state[0], a, rtol, eps))
+        pending = pending - small.to(torch.int32)
+        if len(out) > 2:
+            pending = torch.where(out[2], 0, pending)
     result[rows] = state[0]
     return result
 
@@ -126,9 +155,10 @@ def _bracketed_newton(
 ) -> Tensor:
     """Safeguarded Newton on ``g(u) = Σφ'(u − x_i)``, monotone, with ``g(lo) ≤ 0 ≤ g(hi)``.
 
-    A Newton step that leaves the bracket, or has no curvature, is replaced by bisection.
-    A row stops when its step is at most ``rtol · (|u| + α)`` and it has taken ``polish``
-    more steps (one extra Newton step after ``rtol = sqrt(eps)`` reaches machine precision).
+    A Newton step that does not land strictly inside the bracket, or has no curvature, is
+    replaced by bisection.
+    A row stops when its step is small (:func:`_step_tolerance`) and it has taken ``polish``
+    more steps.
     A bisection step counts as small only once the bracket is at machine precision: when
     ``α`` is below the resolution of ``x`` (far outliers everywhere) Newton has no
     curvature to work with and the root is found by bisection alone.
@@ -142,8 +172,14 @@ def _bracketed_newton(
         g, h = sums(x, u, a)
         hi = torch.where(g > 0, u, hi)
         lo = torch.where(g < 0, u, lo)
-        u_new = torch.where(g == 0, u, u - g / h)
-        inside = (u_new >= lo) & (u_new <= hi)
+        # Without a strict inlier (h = 0) g is α k for an integer k: |g| < α / 2 is k = 0,
+        # an interval of minimisers, where u stays (the sum's rounding is far below α / 2).
+        zero = (g == 0) | ((h == 0) & (g.abs() < 0.5 * a))
+        u_new = torch.where(zero, u, u - g / h)
+        # Strictly inside: a Newton step onto an end of the bracket (which holds the root
+        # strictly inside) would cycle between the two ends on a piecewise-linear g. A step
+        # below the resolution of u leaves it unchanged and counts as inside.
+        inside = (u_new == u) | ((u_new > lo) & (u_new < hi))
         u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
         step = (u_new - u).abs()
         tight = (hi - lo) <= eps4 * (u_new.abs() + a)
@@ -153,11 +189,90 @@ def _bracketed_newton(
     return _iterate_rows(update, x, a, (u, lo, hi), rtol, max_iter, polish)
 
 
-def _solve_pseudo_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    lo, hi, total = stats
-    u = (total / x.shape[-1]).clamp(lo, hi)
-    rtol = math.sqrt(_finfo(x).eps)
-    return _bracketed_newton(kernel("pseudo_huber_sums", x), x, a, u, lo, hi, rtol, 100, 1)
+# Pseudo-Huber: the start is the mean of the first _PSEUDO_HUBER_PREFIX elements of each row
+# (a small fraction of one pass); the first full pass computes the row statistics together
+# with the sums at the start.
+_PSEUDO_HUBER_PREFIX = 128
+# Halley's error after a step s is K s³ + O(s⁴) with |K| ≤ (|c2|² + |c3|) ≤ 1.0625 / α²
+# (|φ'''/φ''| ≤ 1.5 / α, |φ''''/φ''| ≤ 3 / α²); a step with K s³ ≤ eps (|u| + α) / 8 is final.
+_HALLEY_K = 1.0625 * 8
+
+
+def _pseudo_huber_step(
+    u: Tensor, lo: Tensor, hi: Tensor, a: Tensor, sums: tuple[Tensor, ...], eps: float
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+    """One safeguarded Halley step on ``g(u) = Σφ'(u − x_i)`` from the sums at ``u``.
+
+    Returns the new state ``(u, lo, hi)``, the step's size (``inf`` for a bisection step,
+    unless the bracket is at machine precision) and the rows whose step is final: a Halley
+    step inside the bracket with ``|s| ≤ 0.1 α`` and ``K |s|³ ≤ eps (|u| + α)`` (see
+    ``_HALLEY_K``), or ``g(u) = 0``. Halley's step ``−2 g g' / (2 g'² − g g'')`` is used
+    where it is within a factor of two of Newton's (near the root); Newton's elsewhere (far
+    from the root a small Halley step does not mean a small error); bisection where the
+    step leaves the bracket or there is no curvature.
+    """
+    q, h, w = sums  # g = α q, g' = h, g'' = −3 w / α
+    hi = torch.where(q > 0, u, hi)
+    lo = torch.where(q < 0, u, lo)
+    h2, qw = h * h, 3 * q * w
+    halley = (h > 0) & (qw >= -h2) & (qw <= 2 * h2)
+    den = 2 * h2 + qw
+    s = torch.where(halley, -2 * a * q * h / den, -a * q / h)
+    s = torch.where(q == 0, 0.0, s)
+    u_new = u + s
+    inside = (u_new == u) | ((u_new > lo) & (u_new < hi))  # as in _bracketed_newton
+    u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
+    step = (u_new - u).abs()
+    tight = (hi - lo) <= 4 * eps * (u_new.abs() + a)
+    step = torch.where(inside | tight, step, math.inf)
+    # K s³ ≤ eps (|u| + α) as |s| ≤ cbrt(2 eps / K) · cbrt((|u| + α) / 2) · cbrt(α)², which
+    # neither overflows nor underflows for any finite u and α.
+    third = 1.0 / 3.0
+    bound = (2 * eps / _HALLEY_K) ** third * (0.5 * u_new.abs() + 0.5 * a).pow(third)
+    bound = torch.minimum(bound * a.pow(third).square(), 0.1 * a)
+    final = (q == 0) | (halley & inside & (s.abs() <= bound))
+    return (u_new, lo, hi), step, final
+
+
+def _solve_pseudo_huber(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Saved]:
+    """Safeguarded Halley iteration (:func:`_pseudo_huber_step`) from the mean of a prefix
+    of each row; usually two passes over ``x`` in all. Returns ``(y, Σ_i x_i, ())``."""
+    eps = _finfo(x).eps
+    u = x[:, :_PSEUDO_HUBER_PREFIX].mean(-1, keepdim=True)
+    u = torch.where(torch.isfinite(u), u, x[:, :1])
+    lo, hi, total, *sums = kernel("pseudo_huber_first_sums", x)(x, u, a)  # type: ignore[misc]
+    (u, lo, hi), step, final = _pseudo_huber_step(u, lo, hi, a, tuple(sums), eps)
+    rtol = math.sqrt(eps)
+    small = ~(step > _step_tolerance(u, a, rtol, eps))
+    pending = torch.where(final, 0, 2 - small.to(torch.int32))
+    sums_at = kernel("pseudo_huber_sums", x)
+
+    def update(
+        x: Tensor, a: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        u, lo, hi = state
+        return _pseudo_huber_step(u, lo, hi, a, sums_at(x, u, a), eps)  # type: ignore[arg-type]
+
+    y = _iterate_rows(update, x, a, (u, lo, hi), rtol, 100, 1, pending)
+    return _snap_unresolved(x, y, a, eps), total, ()
+
+
+def _snap_unresolved(x: Tensor, y: Tensor, a: Tensor, eps: float) -> Tensor:
+    """Where ``α`` is below the spacing of floats at ``y`` (``α < 4 eps |y|``), the root lies
+    within ``α`` of a data point but bisection ends on a neighbour of it a few units in the
+    last place away; that data point is the answer (and gives the exact gradient, all weight
+    on it). Rows with ``α`` resolved are unchanged; the rare others cost one pass over their
+    own values."""
+    unresolved = (a < 4 * eps * y.abs()) & torch.isfinite(y)
+    if not bool(unresolved.any()):
+        return y
+    idx = unresolved.squeeze(-1).nonzero().squeeze(-1)
+    xs, ys = x[idx], y[idx]
+    nearest = xs.gather(-1, (xs - ys).abs().argmin(-1, keepdim=True))
+    close = (nearest - ys).abs() <= 4 * eps * (ys.abs() + _rows(a, idx))
+    y = y.clone()
+    y[idx] = torch.where(close, nearest, ys)
+    return y
 
 
 def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
@@ -166,9 +281,10 @@ def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> 
 
     When the minimisers form an interval (no inlier within ``α`` of it, Table 1's
     "non-isolated solutions"), the midpoint of the interval is returned: ``(x_j + x_k)/2``
-    for the nearest points ``x_j`` below and ``x_k`` above it. When there is no inlier but
-    the gradient does not vanish, the root is within ``α`` of a data point that ``α`` is
-    too small to resolve (``α`` below the spacing of floats there): that point is returned.
+    for the nearest points ``x_j`` below and ``x_k`` above it. Without a strict inlier the
+    gradient is ``α k`` for an integer ``k``; ``k = 0`` (to rounding) is such an interval.
+    When ``k ≠ 0`` the root is within ``α`` of a data point that ``α`` is too small to
+    resolve (``α`` below the spacing of floats there): that point is returned.
     """
     sums = kernel("huber_sums", x)
     lo, hi, total = stats
@@ -183,7 +299,9 @@ def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> 
         above = torch.where(xs >= us + ar, xs, math.inf).amin(-1, keepdim=True)
         mid = 0.5 * (below + above)
         nearest = xs.gather(-1, (xs - us).abs().argmin(-1, keepdim=True))
-        interval = (g[idx] == 0) & torch.isfinite(mid)
+        # With no strict inlier, g = α k exactly for an integer k (every term is ±α); the
+        # rounding of the sum is far below α / 2, so k = 0 is |g| < α / 2.
+        interval = (g[idx].abs() < 0.5 * ar) & torch.isfinite(mid)
         u[idx] = torch.where(interval, mid, nearest)
     return u
 
@@ -717,9 +835,7 @@ def _truncated_backward(
 
 
 RULES: dict[type[Penalty], PoolRule] = {
-    PseudoHuber: PoolRule(
-        _with_stats(_solve_pseudo_huber), _plain_backward(_backward_pseudo_huber)
-    ),
+    PseudoHuber: PoolRule(_solve_pseudo_huber, _plain_backward(_backward_pseudo_huber)),
     Huber: PoolRule(_with_stats(_solve_huber), _plain_backward(_backward_huber)),
     Welsch: PoolRule(_with_stats(_solve_welsch), _plain_backward(_backward_welsch), exact=False),
     TruncatedQuadratic: PoolRule(_truncated_solve, _truncated_backward),

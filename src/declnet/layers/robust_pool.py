@@ -165,8 +165,8 @@ def robust_pool(
     Solvers (exact, vectorised over all non-pooled elements):
 
     - ``Quadratic``: the mean.
-    - ``PseudoHuber``: safeguarded Newton from the mean, bracketed by ``[min x, max x]``,
-      to machine precision.
+    - ``PseudoHuber``: safeguarded Halley iteration from the mean of the first 128 values,
+      bracketed by ``[min x, max x]``, to machine precision (usually two passes over ``x``).
     - ``Huber``: finite Newton (exact on the piece holding the root); when the minimisers
       form an interval its midpoint is returned.
     - ``TruncatedQuadratic``: the exact global minimum by enumerating the inlier windows of
