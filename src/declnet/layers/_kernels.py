@@ -143,6 +143,13 @@ def huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     return g, h
 
 
+def huber_first_sums(
+    x: Tensor, u: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`row_stats` of ``x`` and :func:`huber_sums` at ``u``, in one pass."""
+    return row_stats(x) + huber_sums(x, u, a)
+
+
 def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """For ``e_i = exp(−t_i²/2)``: Σ t_i e_i, Σ (1 − t_i²) e_i and Σ e_i; each ``(M, 1)``.
 
@@ -303,6 +310,7 @@ _EAGER: dict[str, Callable[..., object]] = {
         pseudo_huber_sums,
         pseudo_huber_first_sums,
         huber_sums,
+        huber_first_sums,
         welsch_sums,
         pseudo_huber_backward_sums,
         pseudo_huber_backward_grad,

@@ -98,7 +98,7 @@ def _iterate_rows(
     max_iter: int,
     polish: int,
     pending: Tensor | None = None,
-) -> Tensor:
+) -> tuple[Tensor, ...]:
     """Run ``state, step[, final] = update(x, a, state)`` per row until each row has converged.
 
     ``state[0]`` is the estimate ``u (M, 1)``. A row has converged once its step has been
@@ -109,9 +109,9 @@ def _iterate_rows(
     more small steps each row needs at the start (0: already converged). When at least half
     of the remaining rows have converged they are set aside, so a few slow rows never cost
     full passes over the input. A converged row's state is never changed again. Returns
-    the final ``u (M, 1)``.
+    the final state (each entry for all ``M`` rows).
     """
-    result = state[0].clone()
+    result = tuple(t.clone() for t in state)
     rows = torch.arange(x.shape[0], device=x.device)
     eps = _finfo(x).eps
     if pending is None:
@@ -122,7 +122,8 @@ def _iterate_rows(
         if n_done == rows.numel() or it == max_iter:
             break
         if n_done and 2 * n_done >= rows.numel():
-            result[rows[done]] = state[0][done]
+            for r, t in zip(result, state):
+                r[rows[done]] = t[done]
             keep = (~done).nonzero().squeeze(-1)
             rows, x, pending = rows[keep], x[keep], pending[keep]
             a = a if a.dim() == 0 else a[keep]
@@ -138,61 +139,50 @@ def _iterate_rows(
         pending = pending - small.to(torch.int32)
         if len(out) > 2:
             pending = torch.where(out[2], 0, pending)
-    result[rows] = state[0]
+    for r, t in zip(result, state):
+        r[rows] = t
     return result
 
 
-def _bracketed_newton(
-    sums: Callable[..., tuple[Tensor, Tensor]],
-    x: Tensor,
-    a: Tensor,
-    u: Tensor,
-    lo: Tensor,
-    hi: Tensor,
-    rtol: float,
-    max_iter: int,
-    polish: int,
-) -> Tensor:
-    """Safeguarded Newton on ``g(u) = Σφ'(u − x_i)``, monotone, with ``g(lo) ≤ 0 ≤ g(hi)``.
+def _huber_step(
+    u: Tensor, lo: Tensor, hi: Tensor, a: Tensor, g: Tensor, h: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One safeguarded Newton step on the Huber gradient ``g(u) = Σφ'(u − x_i)`` (monotone,
+    piecewise linear, slope ``h`` = the number of strict inliers) from ``g``, ``h`` at ``u``.
 
-    A Newton step that does not land strictly inside the bracket, or has no curvature, is
-    replaced by bisection.
-    A row stops when its step is small (:func:`_step_tolerance`) and it has taken ``polish``
-    more steps.
-    A bisection step counts as small only once the bracket is at machine precision: when
-    ``α`` is below the resolution of ``x`` (far outliers everywhere) Newton has no
-    curvature to work with and the root is found by bisection alone.
+    Returns the new ``u``, the bracket ``lo ≤ root ≤ hi`` and the step's size. A Newton step
+    that does not land strictly inside the bracket (one onto an end of it would cycle between
+    the two ends), or has no curvature, is replaced by bisection, whose step counts as
+    ``inf`` until the bracket is at machine precision: when ``α`` is below the resolution of
+    ``x`` the root is found by bisection alone. A step below the resolution of ``u`` leaves
+    it unchanged. Without a strict inlier ``g = α k`` for an integer ``k``: ``|g| < α / 2``
+    is ``k = 0``, an interval of minimisers, where ``u`` stays (the sum's rounding is far
+    below ``α / 2``).
     """
-    eps4 = 4 * _finfo(x).eps
-
-    def update(
-        x: Tensor, a: Tensor, state: tuple[Tensor, ...]
-    ) -> tuple[tuple[Tensor, ...], Tensor]:
-        u, lo, hi = state
-        g, h = sums(x, u, a)
-        hi = torch.where(g > 0, u, hi)
-        lo = torch.where(g < 0, u, lo)
-        # Without a strict inlier (h = 0) g is α k for an integer k: |g| < α / 2 is k = 0,
-        # an interval of minimisers, where u stays (the sum's rounding is far below α / 2).
-        zero = (g == 0) | ((h == 0) & (g.abs() < 0.5 * a))
-        u_new = torch.where(zero, u, u - g / h)
-        # Strictly inside: a Newton step onto an end of the bracket (which holds the root
-        # strictly inside) would cycle between the two ends on a piecewise-linear g. A step
-        # below the resolution of u leaves it unchanged and counts as inside.
-        inside = (u_new == u) | ((u_new > lo) & (u_new < hi))
-        u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
-        step = (u_new - u).abs()
-        tight = (hi - lo) <= eps4 * (u_new.abs() + a)
-        step = torch.where(inside | tight, step, math.inf)
-        return (u_new, lo, hi), step
-
-    return _iterate_rows(update, x, a, (u, lo, hi), rtol, max_iter, polish)
+    hi = torch.where(g > 0, u, hi)
+    lo = torch.where(g < 0, u, lo)
+    zero = (g == 0) | ((h == 0) & (g.abs() < 0.5 * a))
+    u_new = torch.where(zero, u, u - g / h)
+    inside = (u_new == u) | ((u_new > lo) & (u_new < hi))
+    u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
+    step = (u_new - u).abs()
+    tight = (hi - lo) <= 4 * eps * (u_new.abs() + a)
+    return u_new, lo, hi, torch.where(inside | tight, step, math.inf)
 
 
-# Pseudo-Huber: the start is the mean of the first _PSEUDO_HUBER_PREFIX elements of each row
-# (a small fraction of one pass); the first full pass computes the row statistics together
-# with the sums at the start.
-_PSEUDO_HUBER_PREFIX = 128
+# Pseudo-Huber and Huber start at the mean of the first _PREFIX elements of each row (a
+# small fraction of one pass); the first full pass computes the row statistics together with
+# the sums at the start.
+_PREFIX = 128
+
+
+def _prefix_mean(x: Tensor) -> Tensor:
+    """The mean of the first :data:`_PREFIX` values of each row ``(M, 1)``; the first value
+    where that mean is not finite."""
+    u = x[:, :_PREFIX].mean(-1, keepdim=True)
+    return torch.where(torch.isfinite(u), u, x[:, :1])
+
+
 # Halley's error after a step s is K s³ + O(s⁴) with |K| ≤ (|c2|² + |c3|) ≤ 1.0625 / α²
 # (|φ'''/φ''| ≤ 1.5 / α, |φ''''/φ''| ≤ 3 / α²); a step with K s³ ≤ eps (|u| + α) / 8 is final.
 _HALLEY_K = 1.0625 * 8
@@ -220,7 +210,7 @@ def _pseudo_huber_step(
     s = torch.where(halley, -2 * a * q * h / den, -a * q / h)
     s = torch.where(q == 0, 0.0, s)
     u_new = u + s
-    inside = (u_new == u) | ((u_new > lo) & (u_new < hi))  # as in _bracketed_newton
+    inside = (u_new == u) | ((u_new > lo) & (u_new < hi))  # as in _huber_step
     u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
     step = (u_new - u).abs()
     tight = (hi - lo) <= 4 * eps * (u_new.abs() + a)
@@ -238,8 +228,7 @@ def _solve_pseudo_huber(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Ten
     """Safeguarded Halley iteration (:func:`_pseudo_huber_step`) from the mean of a prefix
     of each row; usually two passes over ``x`` in all. Returns ``(y, Σ_i x_i, ())``."""
     eps = _finfo(x).eps
-    u = x[:, :_PSEUDO_HUBER_PREFIX].mean(-1, keepdim=True)
-    u = torch.where(torch.isfinite(u), u, x[:, :1])
+    u = _prefix_mean(x)
     lo, hi, total, *sums = kernel("pseudo_huber_first_sums", x)(x, u, a)  # type: ignore[misc]
     (u, lo, hi), step, final = _pseudo_huber_step(u, lo, hi, a, tuple(sums), eps)
     rtol = math.sqrt(eps)
@@ -253,7 +242,7 @@ def _solve_pseudo_huber(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Ten
         u, lo, hi = state
         return _pseudo_huber_step(u, lo, hi, a, sums_at(x, u, a), eps)  # type: ignore[arg-type]
 
-    y = _iterate_rows(update, x, a, (u, lo, hi), rtol, 100, 1, pending)
+    y = _iterate_rows(update, x, a, (u, lo, hi), rtol, 100, 1, pending)[0]
     return _snap_unresolved(x, y, a, eps), total, ()
 
 
@@ -275,9 +264,13 @@ def _snap_unresolved(x: Tensor, y: Tensor, a: Tensor, eps: float) -> Tensor:
     return y
 
 
-def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """Finite Newton: on each piece between breakpoints ``x_i ± α`` the gradient is linear, so
-    a Newton step lands on the root when the root is on the same piece; bisection otherwise.
+def _solve_huber(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Saved]:
+    """Finite Newton (:func:`_huber_step`) from the mean of a prefix of each row: on each
+    piece between breakpoints ``x_i ± α`` the gradient is linear, so a Newton step lands on
+    the root when the root is on the same piece; bisection otherwise. The first pass also
+    takes the row statistics; each later pass evaluates the sums at the new estimate, and a
+    row stops as soon as the step those sums give is small, so the last pass is the one at
+    the answer (usually two or three passes in all). Returns ``(y, Σ_i x_i, ())``.
 
     When the minimisers form an interval (no inlier within ``α`` of it, Table 1's
     "non-isolated solutions"), the midpoint of the interval is returned: ``(x_j + x_k)/2``
@@ -286,11 +279,27 @@ def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> 
     When ``k ≠ 0`` the root is within ``α`` of a data point that ``α`` is too small to
     resolve (``α`` below the spacing of floats there): that point is returned.
     """
+    eps = _finfo(x).eps
+    rtol = 4 * eps
+    u = _prefix_mean(x)
+    lo, hi, total, g, h = kernel("huber_first_sums", x)(x, u, a)  # type: ignore[misc]
     sums = kernel("huber_sums", x)
-    lo, hi, total = stats
-    u = (total / x.shape[-1]).clamp(lo, hi)
-    u = _bracketed_newton(sums, x, a, u, lo, hi, 4 * _finfo(x).eps, 200, 0)
-    g, inliers = sums(x, u, a)  # type: ignore[misc]
+
+    def small_next(u: Tensor, lo: Tensor, hi: Tensor, a: Tensor, g: Tensor, h: Tensor) -> Tensor:
+        step = _huber_step(u, lo, hi, a, g, h, eps)[3]
+        return ~(step > _step_tolerance(u, a, rtol, eps))
+
+    def update(
+        x: Tensor, a: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        u, lo, hi, step = _huber_step(*state[:3], a, *state[3:], eps)
+        g, h = sums(x, u, a)  # type: ignore[misc]
+        return (u, lo, hi, g, h), step, small_next(u, lo, hi, a, g, h)
+
+    pending = torch.where(small_next(u, lo, hi, a, g, h), 0, 1).to(torch.int32)
+    u, lo, hi, g, inliers = _iterate_rows(
+        update, x, a, (u, lo, hi, g, h), rtol, 200, 0, pending
+    )
     flat = (inliers == 0) & torch.isfinite(u)
     if bool(flat.any()):
         idx = flat.squeeze(-1).nonzero().squeeze(-1)
@@ -303,7 +312,7 @@ def _solve_huber(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) -> 
         # rounding of the sum is far below α / 2, so k = 0 is |g| < α / 2.
         interval = (g[idx].abs() < 0.5 * ar) & torch.isfinite(mid)
         u[idx] = torch.where(interval, mid, nearest)
-    return u
+    return u, total, ()
 
 
 def _welsch_update(
@@ -367,7 +376,7 @@ def _solve_welsch(x: Tensor, a: Tensor, stats: tuple[Tensor, Tensor, Tensor]) ->
         u, step, _ = _welsch_update(sums, x, state[0], a)
         return (u,), step
 
-    return _iterate_rows(update, x, a, (best,), math.sqrt(_finfo(x).eps), 100, 1)
+    return _iterate_rows(update, x, a, (best,), math.sqrt(_finfo(x).eps), 100, 1)[0]
 
 
 _TRUNCATED_BLOCK = 1 << 18  # elements per block of rows in the truncated-quadratic solver
@@ -836,7 +845,7 @@ def _truncated_backward(
 
 RULES: dict[type[Penalty], PoolRule] = {
     PseudoHuber: PoolRule(_solve_pseudo_huber, _plain_backward(_backward_pseudo_huber)),
-    Huber: PoolRule(_with_stats(_solve_huber), _plain_backward(_backward_huber)),
+    Huber: PoolRule(_solve_huber, _plain_backward(_backward_huber)),
     Welsch: PoolRule(_with_stats(_solve_welsch), _plain_backward(_backward_welsch), exact=False),
     TruncatedQuadratic: PoolRule(_truncated_solve, _truncated_backward),
 }
