@@ -83,7 +83,13 @@ def _want_compiled(x: Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# The kernels. t = (u - x) / a throughout.
+# The kernels. t = (u - x) / α throughout. Kernels with an ``inv`` flag take ``a = 1 / α``
+# when it is true (see _RECIPROCAL): a product is several times cheaper than a quotient.
+
+
+def _scaled(d: Tensor, a: Tensor, inv: bool) -> Tensor:
+    """``d / α``: ``d * a`` when ``inv`` (``a`` is ``1 / α``), ``d / a`` otherwise."""
+    return d * a if inv else d / a
 
 # |t| beyond which exp(−t²/2) is 0 in float64 (and float32): clamping t there changes no
 # Welsch term and keeps t² and (1 − t²)·e finite for far outliers (−inf · 0 would be NaN).
@@ -116,23 +122,25 @@ def shortest_window(s: Tensor, k: int) -> Tensor:
     return (s[:, k:] - s[:, :-k]).argmin(-1, keepdim=True)
 
 
-def pseudo_huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def pseudo_huber_sums(
+    x: Tensor, u: Tensor, a: Tensor, inv: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """With ``q_i = t_i / sqrt(1 + t_i²)`` and ``r_i = (1 + t_i²)^(-1/2)``: Σ q_i, Σ r_i³ and
     Σ q_i r_i⁴; each ``(M, 1)``.
 
     For the pseudo-Huber penalty these are ``Σφ'(u − x_i) / α``, ``Σφ''`` and
     ``−α Σφ''' / 3``: what a Halley step needs.
     """
-    q, r = _pseudo_huber_terms((u - x) / a)
+    q, r = _pseudo_huber_terms(_scaled(u - x, a, inv))
     r3 = r * r * r
     return q.sum(-1, keepdim=True), r3.sum(-1, keepdim=True), (q * r3 * r).sum(-1, keepdim=True)
 
 
 def pseudo_huber_first_sums(
-    x: Tensor, u: Tensor, a: Tensor
+    x: Tensor, u: Tensor, a: Tensor, inv: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`row_stats` of ``x`` and :func:`pseudo_huber_sums` at ``u``, in one pass."""
-    return row_stats(x) + pseudo_huber_sums(x, u, a)
+    return row_stats(x) + pseudo_huber_sums(x, u, a, inv)
 
 
 def huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,12 +158,14 @@ def huber_first_sums(
     return row_stats(x) + huber_sums(x, u, a)
 
 
-def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def welsch_sums(
+    x: Tensor, u: Tensor, a: Tensor, inv: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """For ``e_i = exp(−t_i²/2)``: Σ t_i e_i, Σ (1 − t_i²) e_i and Σ e_i; each ``(M, 1)``.
 
     These are ``α Σφ'``, ``α² Σφ''`` and ``α² Σ weight`` (so ``n − Σ e_i`` is the objective).
     """
-    t = ((u - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
+    t = _scaled(u - x, a, inv).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     e = torch.exp(-0.5 * t * t)
     return (
         (t * e).sum(-1, keepdim=True),
@@ -164,24 +174,28 @@ def welsch_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor
     )
 
 
-def pseudo_huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+def pseudo_huber_backward_sums(
+    x: Tensor, y: Tensor, a: Tensor, inv: bool = False
+) -> tuple[Tensor, Tensor]:
     """Σ w_i and Σ t_i³ w_i with ``w_i = (1 + t_i²)^(-3/2)``; each ``(M, 1)``."""
-    q, r = _pseudo_huber_terms((y - x) / a)  # t³ w = (t r)³ = q³, bounded by 1
+    q, r = _pseudo_huber_terms(_scaled(y - x, a, inv))  # t³ w = (t r)³ = q³, bounded by 1
     return (r * r * r).sum(-1, keepdim=True), (q * q * q).sum(-1, keepdim=True)
 
 
-def pseudo_huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
+def pseudo_huber_backward_grad(
+    x: Tensor, y: Tensor, a: Tensor, scale: Tensor, inv: bool = False
+) -> Tensor:
     """``scale · (1 + t_i²)^(-3/2)``, shape ``(M, n)``."""
-    t = (y - x) / a
+    t = _scaled(y - x, a, inv)
     r = torch.rsqrt(1 + t * t)
     return scale * (r * r * r)
 
 
 def welsch_backward_sums(
-    x: Tensor, y: Tensor, a: Tensor
+    x: Tensor, y: Tensor, a: Tensor, inv: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """With ``e_i = exp(−t_i²/2)``: Σ(1−t²)e, Σ|1−t²|e, Σ e, Σ t(t²−2)e, Σ t³e; each (M, 1)."""
-    t = ((y - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
+    t = _scaled(y - x, a, inv).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
     e = torch.exp(-0.5 * t2)
     c = (1 - t2) * e
@@ -195,10 +209,15 @@ def welsch_backward_sums(
 
 
 def welsch_backward_grad(
-    x: Tensor, y: Tensor, a: Tensor, scale_newton: Tensor, scale_shift: Tensor
+    x: Tensor,
+    y: Tensor,
+    a: Tensor,
+    scale_newton: Tensor,
+    scale_shift: Tensor,
+    inv: bool = False,
 ) -> Tensor:
     """``scale_newton · (1 − t²) e + scale_shift · e``, shape ``(M, n)``."""
-    t = ((y - x) / a).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
+    t = _scaled(y - x, a, inv).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
     e = torch.exp(-0.5 * t2)
     return (scale_newton * (1 - t2) + scale_shift) * e
@@ -364,9 +383,43 @@ def _in_blocks(eager: Callable[..., object]) -> Callable[..., object]:
     return run
 
 
+# Kernels whose third argument is α and whose last one is the ``inv`` flag: :func:`kernel`
+# passes them 1 / α (and ``inv=True``) wherever 1 / α is a normal float, so that
+# (u − x) · (1 / α) is within one unit in the last place of (u − x) / α.
+_RECIPROCAL = frozenset(
+    {
+        "pseudo_huber_sums",
+        "pseudo_huber_first_sums",
+        "welsch_sums",
+        "pseudo_huber_backward_sums",
+        "pseudo_huber_backward_grad",
+        "welsch_backward_sums",
+        "welsch_backward_grad",
+    }
+)
+
+
+def _with_reciprocal(run: Callable[..., object]) -> Callable[..., object]:
+    def call(*args: Tensor) -> object:
+        a = args[2]
+        info = torch.finfo(a.dtype)
+        if bool(((a >= 1 / info.max) & (a <= 1 / info.tiny)).all()):
+            return run(*args[:2], 1 / a, *args[3:], True)
+        return run(*args, False)
+
+    return call
+
+
 def kernel(name: str, x: Tensor) -> Callable[..., object]:
     """The kernel ``name`` for input ``x`` (M, ...): compiled (with an eager fallback) or
-    eager (on blocks of rows, on CPU)."""
+    eager (on blocks of rows, on CPU). Called with α; those in ``_RECIPROCAL`` receive
+    ``1 / α`` where that is exact enough."""
+    run = _kernel(name, x)
+    return _with_reciprocal(run) if name in _RECIPROCAL else run
+
+
+def _kernel(name: str, x: Tensor) -> Callable[..., object]:
+    """:func:`kernel` without the reciprocal of α."""
     eager = _EAGER[name]
     if not _want_compiled(x):
         return _in_blocks(eager) if x.device.type == "cpu" else eager
