@@ -593,3 +593,18 @@ def test_pseudo_huber_alpha_below_float_spacing_returns_the_data_point():
     torch.testing.assert_close(y.detach(), median, rtol=0, atol=0)
     (grad,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(grad, (x.detach() == median.unsqueeze(-1)).to(F64))
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "welsch"])
+@pytest.mark.parametrize("dtype, huge, tiny", [(F64, 1e308, 1e-310), (torch.float32, 3e38, 1e-40)])
+def test_alpha_whose_reciprocal_is_not_a_normal_float(name, dtype, huge, tiny):
+    # A huge α: 1/α is subnormal, the kernels divide by α; the penalty is quadratic at the
+    # data's scale, so the pooled value is the mean.
+    x = rand(4, 9, seed=36).to(dtype)
+    y = robust_pool(x, make(name, torch.tensor(huge, dtype=dtype)))
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y, x.mean(-1), rtol=8 * eps, atol=8 * eps)
+    if name == "pseudo_huber":
+        # A subnormal α: 1/α overflows; pseudo-Huber is the median here.
+        y = robust_pool(x, make(name, torch.tensor(tiny, dtype=dtype)))
+        torch.testing.assert_close(y, x.median(-1).values, rtol=0, atol=0)

@@ -205,9 +205,10 @@ def _pseudo_huber_step(
     hi = torch.where(q > 0, u, hi)
     lo = torch.where(q < 0, u, lo)
     h2, qw = h * h, 3 * q * w
-    halley = (h > 0) & (qw >= -h2) & (qw <= 2 * h2)
+    halley = (h2 > 0) & (qw >= -h2) & (qw <= 2 * h2)
     den = 2 * h2 + qw
-    s = torch.where(halley, -2 * a * q * h / den, -a * q / h)
+    aq = a * q  # first: 2 α alone overflows for α near the largest float
+    s = torch.where(halley, -aq * (2 * h / den), -aq / h)
     s = torch.where(q == 0, 0.0, s)
     u_new = u + s
     inside = (u_new == u) | ((u_new > lo) & (u_new < hi))  # as in _huber_step
