@@ -166,17 +166,20 @@ def robust_pool(
 
     - ``Quadratic``: the mean.
     - ``PseudoHuber``: safeguarded Halley iteration from the mean of the first 128 values,
-      bracketed by ``[min x, max x]``, to machine precision (usually two passes over ``x``).
-    - ``Huber``: finite Newton (exact on the piece holding the root); when the minimisers
-      form an interval its midpoint is returned.
+      bracketed by ``[min x, max x]``, to machine precision (two or three passes over ``x``
+      on well-spread data).
+    - ``Huber``: finite Newton from the mean of the first 128 values (exact on the piece
+      holding the root); when the minimisers form an interval its midpoint is returned.
+      Where ``α`` is below the spacing of floats at the answer, pseudo-Huber and Huber
+      return the data point the root is at.
     - ``TruncatedQuadratic``: the exact global minimum by enumerating the inlier windows of
       the sorted data with prefix sums (O(n log n)); ties between windows are broken
       arbitrarily. Rows of at least 64 values first bound the objective on a histogram
       around the median and enumerate only the windows the minimiser can have (same
       answer); rows the bounds cannot certify use the full enumeration.
-    - ``Welsch``: multi-start (mean, data quantiles, dense windows) safeguarded Newton /
-      mean-shift;
-      the lowest objective found, usually but not always the global minimum.
+    - ``Welsch``: multi-start (mean, data quantiles, dense windows; a start within
+      ``α / 4`` of an earlier one is skipped) safeguarded Newton / mean-shift; the lowest
+      objective found, usually but not always the global minimum.
     - Any other :class:`~declnet.layers.Penalty` subclass (a user's penalty; it must be
       even and non-decreasing in ``|z|``): Newton with backtracking from the mean (convex
       penalties) or from the mean and five quantiles, keeping the lowest objective.
