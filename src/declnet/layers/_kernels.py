@@ -352,7 +352,7 @@ _EAGER_BLOCK = 1 << 16  # elements per block of rows for the eager kernels
 
 
 def _in_blocks(eager: Callable[..., object]) -> Callable[..., object]:
-    """Run an eager kernel on blocks of rows and concatenate the results.
+    """Run an eager kernel on blocks of rows, writing each block into the whole outputs.
 
     Eager PyTorch allocates a temporary as large as its input for every op; on blocks of
     about 2**16 elements those stay in cache and the allocator reuses them, which is several
@@ -367,7 +367,8 @@ def _in_blocks(eager: Callable[..., object]) -> Callable[..., object]:
         block = max(1, _EAGER_BLOCK // max(1, first[0].numel())) if rows else 1
         if rows <= block:
             return eager(*args)
-        parts = []
+        outs: list[Tensor] = []
+        single = False
         for start in range(0, rows, block):
             sliced = [
                 a[start : start + block]
@@ -375,10 +376,15 @@ def _in_blocks(eager: Callable[..., object]) -> Callable[..., object]:
                 else a
                 for a in args
             ]
-            parts.append(eager(*sliced))
-        if isinstance(parts[0], tuple):
-            return tuple(torch.cat(p, 0) for p in zip(*parts))
-        return torch.cat(parts, 0)  # type: ignore[arg-type]
+            part = eager(*sliced)
+            if not outs:
+                single = not isinstance(part, tuple)
+            parts = (part,) if single else part
+            if not outs:  # the whole outputs, written block by block (no concatenation)
+                outs = [p.new_empty((rows, *p.shape[1:])) for p in parts]  # type: ignore[union-attr]
+            for out, p in zip(outs, parts):  # type: ignore[arg-type]
+                out[start : start + block].copy_(p)
+        return outs[0] if single else tuple(outs)
 
     return run
 
