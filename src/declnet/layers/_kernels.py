@@ -200,15 +200,14 @@ def welsch_backward_sums(
     """With ``e_i = exp(−t_i²/2)``: Σ(1−t²)e, Σ|1−t²|e, Σ e, Σ t(t²−2)e, Σ t³e; each (M, 1)."""
     t = _scaled(y - x, a, inv).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
-    e = torch.exp(-0.5 * t2)
-    c = (1 - t2) * e
-    return (
-        c.sum(-1, keepdim=True),
-        c.abs().sum(-1, keepdim=True),
-        e.sum(-1, keepdim=True),
-        (t * (t2 - 2) * e).sum(-1, keepdim=True),
-        (t * t2 * e).sum(-1, keepdim=True),
-    )
+    e = (t2 * -0.5).exp_()
+    c = (1 - t2).mul_(e)
+    s_c, s_e = c.sum(-1, keepdim=True), e.sum(-1, keepdim=True)
+    s_abs = c.abs_().sum(-1, keepdim=True)
+    te = t.mul_(e)
+    s_shift = (te * t2).sum(-1, keepdim=True)
+    s_newton = t2.sub_(2).mul_(te).sum(-1, keepdim=True)
+    return s_c, s_abs, s_e, s_newton, s_shift
 
 
 def welsch_backward_grad(
@@ -222,8 +221,8 @@ def welsch_backward_grad(
     """``scale_newton · (1 − t²) e + scale_shift · e``, shape ``(M, n)``."""
     t = _scaled(y - x, a, inv).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX)
     t2 = t * t
-    e = torch.exp(-0.5 * t2)
-    return (scale_newton * (1 - t2) + scale_shift) * e
+    e = (t2 * -0.5).exp_()
+    return t2.neg_().add_(1).mul_(scale_newton).add_(scale_shift).mul_(e)
 
 
 def huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
