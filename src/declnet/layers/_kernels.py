@@ -100,13 +100,18 @@ WELSCH_T_MAX = 64.0
 PSEUDO_HUBER_T_MAX = 1e18  # a bound valid in both float32 and float64 (for rescaled rows)
 
 
+def _rsqrt_one_plus_square(t: Tensor) -> Tensor:
+    """``(1 + t²)^(-1/2)`` in one new tensor."""
+    return torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t).rsqrt_()
+
+
 def _pseudo_huber_terms(t: Tensor) -> tuple[Tensor, Tensor]:
     """``t / sqrt(1 + t²)`` and ``(1 + t²)^(-1/2)``, with t clamped where ``t²`` would
     overflow. ``t`` (a temporary) is overwritten: the kernels work in place where they can,
     which saves a third of the eager time (fewer temporaries as large as the input)."""
     bound = math.sqrt(torch.finfo(t.dtype).max) / 2
     t = t.clamp_(-bound, bound)
-    r = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t).rsqrt_()
+    r = _rsqrt_one_plus_square(t)
     return t.mul_(r), r
 
 
@@ -190,7 +195,7 @@ def pseudo_huber_backward_grad(
 ) -> Tensor:
     """``scale · (1 + t_i²)^(-3/2)``, shape ``(M, n)``."""
     t = _scaled(y - x, a, inv)
-    r = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t).rsqrt_()
+    r = _rsqrt_one_plus_square(t)
     return (r * r).mul_(r).mul_(scale)
 
 

@@ -159,15 +159,27 @@ def _huber_step(
     is ``k = 0``, an interval of minimisers, where ``u`` stays (the sum's rounding is far
     below ``α / 2``).
     """
-    hi = torch.where(g > 0, u, hi)
-    lo = torch.where(g < 0, u, lo)
     zero = (g == 0) | ((h == 0) & (g.abs() < 0.5 * a))
     u_new = torch.where(zero, u, u - g / h)
+    return _safeguard(u, u_new, g, lo, hi, a, eps)[:4]
+
+
+def _safeguard(
+    u: Tensor, u_new: Tensor, g: Tensor, lo: Tensor, hi: Tensor, a: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The bracket update and bisection safeguard of a step from ``u`` to ``u_new`` on a
+    monotone ``g`` (of the sign of ``g(u)``): returns the accepted ``u``, the new bracket
+    ``lo, hi``, the step's size (``inf`` for a bisection step until the bracket is at machine
+    precision) and whether the step was kept. A step is kept when it lands strictly inside
+    the bracket (one onto an end would cycle between the two ends on a piecewise-linear
+    ``g``) or leaves ``u`` unchanged (below its resolution)."""
+    hi = torch.where(g > 0, u, hi)
+    lo = torch.where(g < 0, u, lo)
     inside = (u_new == u) | ((u_new > lo) & (u_new < hi))
     u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
     step = (u_new - u).abs()
     tight = (hi - lo) <= 4 * eps * (u_new.abs() + a)
-    return u_new, lo, hi, torch.where(inside | tight, step, math.inf)
+    return u_new, lo, hi, torch.where(inside | tight, step, math.inf), inside
 
 
 # Pseudo-Huber and Huber start at the mean of the first _PREFIX elements of each row (a
@@ -202,20 +214,13 @@ def _pseudo_huber_step(
     step leaves the bracket or there is no curvature.
     """
     q, h, w = sums  # g = α q, g' = h, g'' = −3 w / α
-    hi = torch.where(q > 0, u, hi)
-    lo = torch.where(q < 0, u, lo)
     h2, qw = h * h, 3 * q * w
     halley = (h2 > 0) & (qw >= -h2) & (qw <= 2 * h2)
     den = 2 * h2 + qw
     aq = a * q  # first: 2 α alone overflows for α near the largest float
     s = torch.where(halley, -aq * (2 * h / den), -aq / h)
     s = torch.where(q == 0, 0.0, s)
-    u_new = u + s
-    inside = (u_new == u) | ((u_new > lo) & (u_new < hi))  # as in _huber_step
-    u_new = torch.where(inside, u_new, 0.5 * (lo + hi))
-    step = (u_new - u).abs()
-    tight = (hi - lo) <= 4 * eps * (u_new.abs() + a)
-    step = torch.where(inside | tight, step, math.inf)
+    u_new, lo, hi, step, inside = _safeguard(u, u + s, q, lo, hi, a, eps)
     # K s³ ≤ eps (|u| + α) as |s| ≤ cbrt(2 eps / K) · cbrt((|u| + α) / 2) · cbrt(α)², which
     # neither overflows nor underflows for any finite u and α.
     third = 1.0 / 3.0
@@ -248,6 +253,11 @@ def _solve_pseudo_huber(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Ten
     return _snap_unresolved(x, y, a, eps), total, ()
 
 
+def _nearest(x: Tensor, u: Tensor) -> Tensor:
+    """The value of each row of ``x`` nearest to ``u`` ``(M, 1)``."""
+    return x.gather(-1, (x - u).abs().argmin(-1, keepdim=True))
+
+
 def _snap_unresolved(x: Tensor, y: Tensor, a: Tensor, eps: float) -> Tensor:
     """Where ``α`` is below the spacing of floats at ``y`` (``α < 4 eps |y|``), the root lies
     within ``α`` of a data point but bisection ends on a neighbour of it a few units in the
@@ -259,7 +269,7 @@ def _snap_unresolved(x: Tensor, y: Tensor, a: Tensor, eps: float) -> Tensor:
         return y
     idx = unresolved.squeeze(-1).nonzero().squeeze(-1)
     xs, ys = x[idx], y[idx]
-    nearest = xs.gather(-1, (xs - ys).abs().argmin(-1, keepdim=True))
+    nearest = _nearest(xs, ys)
     close = (nearest - ys).abs() <= 4 * eps * (ys.abs() + _rows(a, idx))
     y = y.clone()
     y[idx] = torch.where(close, nearest, ys)
@@ -309,7 +319,7 @@ def _solve_huber(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Sa
         below = torch.where(xs <= us - ar, xs, -math.inf).amax(-1, keepdim=True)
         above = torch.where(xs >= us + ar, xs, math.inf).amin(-1, keepdim=True)
         mid = 0.5 * (below + above)
-        nearest = xs.gather(-1, (xs - us).abs().argmin(-1, keepdim=True))
+        nearest = _nearest(xs, us)
         # With no strict inlier, g = α k exactly for an integer k (every term is ±α); the
         # rounding of the sum is far below α / 2, so k = 0 is |g| < α / 2.
         interval = (g[idx].abs() < 0.5 * ar) & torch.isfinite(mid)
