@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._diagnostics import DeclarativeWarning
 
-__all__ = ["compile_mode", "kernel", "set_compile_mode"]
+__all__ = ["compile_mode", "kernel", "register", "set_compile_mode"]
 
 _MODES = ("auto", "always", "never")
 _AUTO_MIN_NUMEL = 1 << 20
@@ -355,6 +355,21 @@ _EAGER: dict[str, Callable[..., object]] = {
 }
 
 
+def register(*kernels: Callable[..., object], blocks: bool = True) -> None:
+    """Make kernels defined in another module (vector pooling's) available to :func:`kernel`
+    under their function names, with the same compilation policy; ``blocks=False``: the
+    eager kernel runs on the whole input rather than on blocks of rows."""
+    for fn in kernels:
+        known = _EAGER.setdefault(fn.__name__, fn)
+        if known is not fn:
+            raise RuntimeError(f"two robust pooling kernels are named {fn.__name__!r}")
+        if not blocks:
+            _UNBLOCKED.add(fn.__name__)
+
+
+_UNBLOCKED: set[str] = set()
+
+
 _EAGER_BLOCK = 1 << 16  # elements per block of rows for the eager kernels
 
 
@@ -434,8 +449,9 @@ def kernel(name: str, x: Tensor) -> Callable[..., object]:
 def _kernel(name: str, x: Tensor) -> Callable[..., object]:
     """:func:`kernel` without the reciprocal of α."""
     eager = _EAGER[name]
+    blocked = eager if name in _UNBLOCKED else _in_blocks(eager)
     if not _want_compiled(x):
-        return _in_blocks(eager) if x.device.type == "cpu" else eager
+        return blocked if x.device.type == "cpu" else eager
     compiled = _compiled.get(name)
     if compiled is None:
         # dynamic=None: the first shape is specialised; a second one (a last block of rows,
@@ -445,7 +461,7 @@ def _kernel(name: str, x: Tensor) -> Callable[..., object]:
 
     def run(*args: Tensor) -> object:
         if _state["broken"]:
-            return _in_blocks(eager)(*args)
+            return blocked(*args)
         try:
             return compiled(*args)
         except Exception as err:  # compilation failures come in many types; see below
@@ -460,6 +476,6 @@ def _kernel(name: str, x: Tensor) -> Callable[..., object]:
                 DeclarativeWarning,
                 stacklevel=2,
             )
-            return _in_blocks(eager)(*args)
+            return blocked(*args)
 
     return run

@@ -62,18 +62,18 @@ def solve(x: Tensor, alpha: Tensor, penalty: str) -> tuple[Tensor, ...]:
 
 @torch.library.custom_op("declnet::robust_vector_pool_solve", mutates_args=())
 def _vector_solve_op(x: Tensor, alpha: Tensor, penalty: str) -> Tensor:
-    """``y (M, C)`` for the sets ``x (M, n, C)``."""
+    """``y (M, C)`` for the sets ``x (M, C, n)``."""
     return vector_solvers.solve(_CLASSES[penalty](), x, alpha)
 
 
 @_vector_solve_op.register_fake
 def _(x: Tensor, alpha: Tensor, penalty: str) -> Tensor:
-    return x.new_empty(x.shape[0], x.shape[2])
+    return x.new_empty(x.shape[0], x.shape[1])  # x (M, C, n)
 
 
 def vector_solve(x: Tensor, alpha: Tensor, penalty: str) -> Tensor:
     """:func:`declnet.layers._vector_pool_solvers.solve` of the built-in penalty class named
-    ``penalty`` on the sets ``x (M, n, C)``: ``y (M, C)``.
+    ``penalty`` on the sets ``x (M, C, n)``: ``y (M, C)``.
 
     Raises:
         KeyError: ``penalty`` is not a built-in penalty class with a solver.

@@ -1,7 +1,18 @@
 """Solver and closed-form backward of robust vector pooling (paper §5.1, Prop. 4.4).
 
-``y ∈ R^C`` minimises ``Σ_i φ(‖y − x_i‖; α)`` over sets ``x (M, n, C)``. The autograd
+``y ∈ R^C`` minimises ``Σ_i φ(‖y − x_i‖; α)`` over sets ``x (M, C, n)`` (n points in
+``R^C`` each; :func:`solve_generic` and :func:`hessian` take ``(M, n, C)``). The autograd
 Function, the functional form and the Module are in :mod:`declnet.layers.robust_pool`.
+
+The built-in penalties are solved and differentiated in each set's *scaled frame*
+(:func:`frame`): the points centred on their bounding box and divided by its half-width,
+``α`` divided likewise. Pooling is translation- and scale-equivariant,
+``y(s x + t; s α) = s y(x; α) + t``, so this changes no answer, and it keeps every
+distance, weight and Hessian entry representable for inputs from the smallest to the
+largest floats (see :mod:`declnet.layers._vector_kernels`). The same equivariance gives the
+``α``-gradient from the ``x``-gradient: ``∂y/∂α = (1/α) Σ_i (∂y/∂x_i)(y − x_i)``.
+A user's penalty is solved with its own ``weight`` and ``radial_excess`` in the data's
+coordinates (:func:`solve_generic`).
 """
 
 from __future__ import annotations
@@ -13,9 +24,11 @@ import torch
 from torch import Tensor
 
 from .._diagnostics import DeclarativeWarning
+from ._kernels import kernel
+from ._vector_kernels import KERNELS
 from .penalties import Penalty
 
-__all__ = ["hessian", "solve", "solve_hessian"]
+__all__ = ["backward", "frame", "has_kernels", "hessian", "solve", "solve_hessian"]
 
 
 def _vector_objective(pen: Penalty, x: Tensor, y: Tensor, a: Tensor) -> Tensor:
@@ -77,8 +90,9 @@ def solve_hessian(hess: Tensor, rhs: Tensor, what: str) -> Tensor:
     return sol.squeeze(-1)
 
 
-def solve(pen: Penalty, x: Tensor, a: Tensor) -> Tensor:
-    """Minimise Σ_i φ(‖y − x_i‖) for each of M sets x (M, n, C); returns y (M, C)."""
+def solve_generic(pen: Penalty, x: Tensor, a: Tensor) -> Tensor:
+    """Minimise Σ_i φ(‖y − x_i‖) for each of M sets x (M, n, C), for any penalty with
+    ``weight`` and ``radial_excess``, in the data's coordinates; returns y (M, C)."""
     starts = [x.mean(1)]
     if not pen.is_convex:
         median = x.median(1).values
@@ -105,3 +119,189 @@ def solve(pen: Penalty, x: Tensor, a: Tensor) -> Tensor:
             best = torch.where(better, y, best)
             best_f = torch.where(better.squeeze(-1), f, best_f)
     return best  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in penalties: fused kernels in the scaled frame.
+
+
+def has_kernels(pen: Penalty) -> bool:
+    """Whether ``pen`` is a built-in penalty with fused vector kernels (not a subclass)."""
+    return type(pen).__name__ in KERNELS and type(pen).__module__ == Penalty.__module__
+
+
+def _box(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The middle of each set's bounding box ``(M, C)`` and its largest half-width
+    ``(M, 1)`` (1 where the points coincide), without overflow for any finite input."""
+    lo, hi = x.amin(-1), x.amax(-1)
+    half = (0.5 * hi - 0.5 * lo).amax(-1, keepdim=True)
+    half = torch.where(half > 0, half, torch.ones_like(half))  # coincident points (or NaN)
+    return 0.5 * lo + 0.5 * hi, half
+
+
+def _scaled_alpha(alpha: Tensor, half: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """``α / half`` ``(M, 1)`` and the same clamped to ``[0, a_max]``: beyond
+    ``a_max = 2√C / eps`` every weight is the same to the dtype's precision (the answer is
+    the mean), and ``a_max²`` is finite."""
+    a = (alpha.reshape(-1, 1) if alpha.dim() else alpha) / half
+    return a, a.clamp(0.0, 2 * math.sqrt(size) / torch.finfo(half.dtype).eps)
+
+
+def frame(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each set's scaled frame: ``z = (x − centre) / half`` with ``|z| ≤ 1``.
+
+    Args:
+        x: ``(M, C, n)`` sets of points.
+        alpha: ``α``, 0-d or ``(M,)``.
+
+    Returns:
+        ``z (M, C, n)``, ``centre (M, C)`` (the middle of the bounding box), ``half (M, 1)``
+        (its largest half-width) and the scaled, clamped ``α`` ``(M, 1)``
+        (:func:`_scaled_alpha`).
+    """
+    centre, half = _box(x)
+    z = torch.sub(x, centre.unsqueeze(-1)).div_(half.unsqueeze(-1))
+    return z, centre, half, _scaled_alpha(alpha, half, x.shape[1])[1]
+
+
+def _kernels_for(pen: Penalty, z: Tensor, fused: bool) -> dict[str, object]:
+    table = KERNELS[type(pen).__name__]
+    if not fused:
+        return dict(table)
+    return {kind: kernel(fn.__name__, z) for kind, fn in table.items()}
+
+
+def _tolerance(z: Tensor, a: Tensor, rtol: float) -> Tensor:
+    """Steps are small below ``rtol·sqrt(min(a, 1))`` (the frame's unit length is the set's
+    half-width; for a small ``a`` the steps must also be small against ``a``)."""
+    return (rtol * a.clamp_max(1.0).sqrt()).clamp_min(4 * torch.finfo(z.dtype).eps)
+
+
+def _small(step: Tensor, tol: Tensor) -> bool:
+    return not bool((torch.linalg.vector_norm(step, dim=-1, keepdim=True) > tol).any())
+
+
+def _reweighted(run, z: Tensor, y: Tensor, a: Tensor, tol: Tensor, steps: int) -> Tensor:  # type: ignore[no-untyped-def]
+    """At most ``steps`` reweighted means ``y ← y − Σ w_i d_i / Σ w_i``, until every step
+    is below ``tol``. Each step minimises a quadratic majoriser: the objective never rises."""
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    for _ in range(steps):
+        wsum, wd = run(z, y, a)
+        step = torch.where(wsum > 0, wd / wsum, zero)
+        y = y - step
+        if _small(step, tol):
+            break
+    return y
+
+
+_MAX_REWEIGHT = 1000  # non-smooth penalties: reweighted means only
+_SMOOTH_REWEIGHT = 20  # smooth penalties: then safeguarded Newton steps
+_MAX_NEWTON = 100
+
+
+def _newton(run, z: Tensor, y: Tensor, a: Tensor, tol: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+    """Safeguarded Newton iteration for the smooth penalties.
+
+    Each step is ``H⁻¹ g`` where ``H`` is positive definite and the objective does not rise
+    (beyond its rounding), else the reweighted-mean step ``g / Σw`` (which never raises it).
+    A reweighted mean converges linearly, and slowly where a Welsch minimum is flat; Newton
+    steps converge quadratically. Ends one step after every step is below ``tol``.
+    """
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    slack = 8 * torch.finfo(z.dtype).eps
+    f = run["objective"](z, y, a)
+    last = False
+    for _ in range(_MAX_NEWTON):
+        wsum, grad, outer, _ = run["curvature"](z, y, a)
+        chol, info = torch.linalg.cholesky_ex(wsum.unsqueeze(-1) * eye + outer)
+        newton = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
+        reweight = torch.where(wsum > 0, grad / wsum, zero)
+        ok = (info == 0).unsqueeze(-1) & torch.isfinite(newton).all(-1, keepdim=True)
+        step = torch.where(ok, newton, reweight)
+        f_new = run["objective"](z, y - step, a)
+        worse = f_new > f * (1 + slack)
+        if bool(worse.any()):
+            step = torch.where(worse, reweight, step)
+            f_new = torch.where(worse, run["objective"](z, y - step, a), f_new)
+        y, f = y - step, f_new
+        if last:
+            break
+        last = _small(step, tol)  # one more step: quadratic convergence to full precision
+    return y
+
+
+def solve(pen: Penalty, x: Tensor, alpha: Tensor) -> Tensor:
+    """Minimise Σ_i φ(‖y − x_i‖; α) for each of M sets ``x (M, C, n)``; returns ``y (M, C)``.
+
+    Built-in penalties: reweighted means from the mean (and, when ``φ`` is not convex, from
+    the coordinatewise median and the data point nearest to it), for the smooth ones a few
+    of them followed by safeguarded Newton steps (:func:`_newton`), the start with the
+    lowest objective kept; all in the scaled frame, with fused kernels. Other penalties:
+    :func:`solve_generic`.
+    """
+    if not has_kernels(pen):
+        return solve_generic(pen, x.transpose(1, 2).contiguous(), alpha)
+    z, centre, half, a = frame(x, alpha)
+    run = _kernels_for(pen, z, fused=True)
+    starts = [z.mean(-1)]
+    if not pen.is_convex:
+        median = z.median(-1).values
+        nearest = (z - median.unsqueeze(-1)).square().sum(1).argmin(-1)
+        starts += [median, z[torch.arange(z.shape[0], device=z.device), :, nearest]]
+    eps = torch.finfo(z.dtype).eps
+    best, best_f = None, None
+    for y in starts:
+        if pen.is_smooth:
+            tol = _tolerance(z, a, math.sqrt(eps))
+            y = _reweighted(run["reweight"], z, y, a, tol, _SMOOTH_REWEIGHT)
+            y = _newton(run, z, y, a, tol)
+        else:
+            y = _reweighted(run["reweight"], z, y, a, _tolerance(z, a, 8 * eps), _MAX_REWEIGHT)
+        if len(starts) == 1:
+            best = y
+            break
+        f = run["objective"](z, y, a)  # type: ignore[operator]
+        if best is None:
+            best, best_f = y, f
+        else:
+            better = f < best_f
+            best = torch.where(better, y, best)
+            best_f = torch.where(better, f, best_f)
+    return centre + half * best  # type: ignore[operator]
+
+
+def backward(
+    pen: Penalty,
+    x: Tensor,
+    y: Tensor,
+    alpha: Tensor,
+    v: Tensor,
+    solve_h,  # type: ignore[no-untyped-def]
+    need_alpha: bool,
+    differentiable: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``vᵀ ∂y/∂x_i`` ``(M, C, n)`` and ``vᵀ ∂y/∂α`` per set ``(M,)`` (or None) for a
+    built-in penalty (Prop. 4.4), in the scaled frame.
+
+    ``solve_h(H, v)`` solves the ``(M, C, C)`` systems. With ``differentiable`` the eager
+    kernels are used as they are (differentiable, traceable, batchable; the frame's centre
+    and width are constants, on which the Jacobian does not depend); otherwise the fused
+    ones. ``y`` must be the pooling output.
+    """
+    with torch.no_grad():
+        centre, half = _box(x)
+    z = (x - centre.unsqueeze(-1)) / half.unsqueeze(-1)
+    yt = (y - centre) / half
+    a_true, a = _scaled_alpha(alpha, half, x.shape[1])
+    run = _kernels_for(pen, z, fused=not differentiable)
+    wsum, _, outer, hd = run["curvature"](z, yt, a)  # type: ignore[operator]
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    u = solve_h(wsum.unsqueeze(-1) * eye + outer, v)  # H⁻¹ v, (M, C)
+    grad = run["gradient"](z, yt, a, u)  # type: ignore[operator]
+    grad_alpha = None
+    if need_alpha:
+        # vᵀ∂y/∂α = (1/α) Σ_i vᵀ H⁻¹ H_i d_i = (1/α) uᵀ Σ_i h_i d_i (scale equivariance).
+        scale = a_true.clamp_min(torch.finfo(z.dtype).tiny).squeeze(-1)
+        grad_alpha = (u * hd).sum(-1) / scale
+    return grad, grad_alpha

@@ -355,7 +355,7 @@ def _warn_singular(tensors: Sequence[Tensor], what: str) -> None:
 
 @forward_from_backward
 class _RobustVectorPoolFunction(torch.autograd.Function):
-    """y (M, C) = argmin_u Σ_i φ(‖u − x_i‖; α) for x (M, n, C); implicit backward.
+    """y (M, C) = argmin_u Σ_i φ(‖u − x_i‖; α) for x (M, C, n); implicit backward.
 
     The backward is written with differentiable operations on the saved output ``y``
     (which carries its dependence on ``x`` and ``α``), so differentiating it again gives
@@ -368,7 +368,7 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
             y = pool_ops.vector_solve(x, alpha, type(pen).__name__)  # one opaque node
         else:
             y = vector_solvers.solve(pen, x, alpha)
-        bad = ~torch.isfinite(x.sum(dim=(1, 2)))
+        bad = ~torch.isfinite(x).flatten(1).all(-1)  # (a sum could overflow)
         if not surely_none(bad):
             y = torch.where(bad.unsqueeze(-1), math.nan, y)
         return y
@@ -384,6 +384,22 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
     def backward(ctx, v):  # type: ignore[no-untyped-def, override]
         x, alpha, y = ctx.saved_tensors
         pen = ctx.pen
+        if vector_solvers.has_kernels(pen):
+            grad, per_set = vector_solvers.backward(
+                pen,
+                x,
+                y,
+                alpha,
+                v,
+                lambda hess, rhs: _solve_hessian(hess, rhs, type(pen).__name__),
+                need_alpha=ctx.needs_input_grad[1],
+                differentiable=differentiable_backward(),
+            )
+            grad_alpha = None
+            if per_set is not None:
+                grad_alpha = per_set.sum() if alpha.dim() == 0 else per_set.reshape(alpha.shape)
+            return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None
+        x = x.transpose(1, 2).contiguous()  # (M, n, C) for a user's penalty
         hess, d, r, w, c = vector_solvers.hessian(pen, x, y, alpha)
         u = _solve_hessian(hess, v, type(pen).__name__)  # H⁻¹ v, (M, C)
         # dJ/dx_i = H_i H⁻¹ v with H_i = w_i I + c_i d_i d_iᵀ (Prop. 4.4, left to right).
@@ -398,11 +414,12 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
             mixed = (factor.unsqueeze(-1) * d).sum(1)  # D_α ∇_y f, (M, C)
             per_row = -(u * mixed).sum(-1)
             grad_alpha = per_row.sum() if alpha.dim() == 0 else per_row.reshape(alpha.shape)
-        return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None
+        grad = grad.transpose(1, 2) if ctx.needs_input_grad[0] else None
+        return grad, grad_alpha, None
 
     @staticmethod
     def vmap(info, in_dims, x, alpha, pen):  # type: ignore[no-untyped-def, override]
-        """Fold the vmapped dimension into the sets: one call on ``(V·M, n, C)``."""
+        """Fold the vmapped dimension into the sets: one call on ``(V·M, C, n)``."""
         x_dim, a_dim, _ = in_dims
         size = info.batch_size
         xb = batch_first(x, x_dim, size)
@@ -483,9 +500,10 @@ def robust_vector_pool(
     rest_shape = tuple(x.shape[d] for d in rest)
     size_c = x.shape[vdim]
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    flat = work.permute(*rest, *dims, vdim).reshape(-1, n, size_c).contiguous()
+    # (M, C, n): coordinates before points, a view of a (B, C, N) input with the defaults.
+    flat = work.permute(*rest, vdim, *dims).reshape(-1, size_c, n)
     if type(pen) is Quadratic:
-        y = flat.mean(1)
+        y = flat.mean(-1)
     else:
         alpha = pool_alpha(pen.alpha, type(pen).__name__, rest_shape, flat.shape[0], work)
         if alpha.dim():
