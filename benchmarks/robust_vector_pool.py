@@ -70,9 +70,10 @@ def main() -> None:
             ("mean pool", lambda t: t.mean(-1)),
         ]
         for cls in penalties:
+            user = generic(cls)
             layers.append((cls.__name__, lambda t, c=cls: robust_vector_pool(t, c(a))))
             layers.append(
-                (f"{cls.__name__} generic", lambda t, c=generic(cls): robust_vector_pool(t, c(a)))
+                (f"{cls.__name__} generic", lambda t, c=user: robust_vector_pool(t, c(a)))
             )
         for mode in modes:
             set_compile_mode(mode)
