@@ -181,53 +181,86 @@ def _small(step: Tensor, tol: Tensor) -> bool:
     return not bool((torch.linalg.vector_norm(step, dim=-1, keepdim=True) > tol).any())
 
 
-def _reweighted(run, z: Tensor, y: Tensor, a: Tensor, tol: Tensor, steps: int) -> Tensor:  # type: ignore[no-untyped-def]
+def _reweighted(  # type: ignore[no-untyped-def]
+    run, z: Tensor, y: Tensor, a: Tensor, tol: Tensor, steps: int
+) -> tuple[Tensor, bool]:
     """At most ``steps`` reweighted means ``y ← y − Σ w_i d_i / Σ w_i``, until every step
-    is below ``tol``. Each step minimises a quadratic majoriser: the objective never rises."""
+    is below ``tol`` (then the flag returned is True). Each step minimises a quadratic
+    majoriser: the objective never rises."""
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     for _ in range(steps):
         wsum, wd = run(z, y, a)
         step = torch.where(wsum > 0, wd / wsum, zero)
         y = y - step
         if _small(step, tol):
-            break
-    return y
+            return y, True
+    return y, False
 
 
 _MAX_REWEIGHT = 1000  # non-smooth penalties: reweighted means only
 _SMOOTH_REWEIGHT = 20  # smooth penalties: then safeguarded Newton steps
-_MAX_NEWTON = 100
+_MAX_NEWTON = 1000
 
 
-def _newton(run, z: Tensor, y: Tensor, a: Tensor, tol: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
-    """Safeguarded Newton iteration for the smooth penalties.
+def _newton(  # type: ignore[no-untyped-def]
+    run, z: Tensor, y: Tensor, a: Tensor, tol: Tensor, guarded: bool
+) -> Tensor:
+    """Newton iteration for the smooth penalties, from the reweighted means.
 
-    Each step is ``H⁻¹ g`` where ``H`` is positive definite and the objective does not rise
-    (beyond its rounding), else the reweighted-mean step ``g / Σw`` (which never raises it).
-    A reweighted mean converges linearly, and slowly where a Welsch minimum is flat; Newton
-    steps converge quadratically. Ends one step after every step is below ``tol``.
+    Unguarded (the reweighted means have converged to ``tol``, so ``y`` is close to a
+    minimum): two steps ``H⁻¹ g`` where ``H`` is positive definite, which make ``y``
+    accurate to the dtype's precision. Guarded (they have not: a reweighted mean converges
+    linearly, and slowly where a Welsch minimum is flat): each step is ``H⁻¹ g`` where ``H``
+    is positive definite and the objective does not rise (beyond its rounding), else the
+    reweighted-mean step ``g / Σw`` (which never raises it). A set stops one step after its
+    step is below ``tol``; the others go on alone (the sets still moving are gathered).
     """
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    if not guarded:
+        for _ in range(2):
+            wsum, grad, outer, _ = run["curvature"](z, y, a)
+            chol, info = torch.linalg.cholesky_ex(wsum.unsqueeze(-1) * eye + outer)
+            newton = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
+            ok = (info == 0).unsqueeze(-1) & torch.isfinite(newton).all(-1, keepdim=True)
+            y = torch.where(ok, y - newton, y)
+        return y
     slack = 8 * torch.finfo(z.dtype).eps
-    f = run["objective"](z, y, a)
-    last = False
+    y = y.clone()
+    rows = torch.arange(z.shape[0], device=z.device)  # the sets still moving
+    zs, ys, as_, ts = z, y, a, tol
+    last = torch.zeros(z.shape[0], 1, dtype=torch.bool, device=z.device)
+    f = run["objective"](zs, ys, as_)
     for _ in range(_MAX_NEWTON):
-        wsum, grad, outer, _ = run["curvature"](z, y, a)
+        wsum, grad, outer, _ = run["curvature"](zs, ys, as_)
         chol, info = torch.linalg.cholesky_ex(wsum.unsqueeze(-1) * eye + outer)
         newton = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
         reweight = torch.where(wsum > 0, grad / wsum, zero)
         ok = (info == 0).unsqueeze(-1) & torch.isfinite(newton).all(-1, keepdim=True)
         step = torch.where(ok, newton, reweight)
-        f_new = run["objective"](z, y - step, a)
+        f_new = run["objective"](zs, ys - step, as_)
         worse = f_new > f * (1 + slack)
         if bool(worse.any()):
             step = torch.where(worse, reweight, step)
-            f_new = torch.where(worse, run["objective"](z, y - step, a), f_new)
-        y, f = y - step, f_new
-        if last:
-            break
-        last = _small(step, tol)  # one more step: quadratic convergence to full precision
+            f_new = torch.where(worse, run["objective"](zs, ys - step, as_), f_new)
+        ys, f = ys - step, f_new
+        done = last
+        last = torch.linalg.vector_norm(step, dim=-1, keepdim=True) <= ts
+        if bool(done.any()):  # write back the finished sets, go on with the others
+            y[rows] = ys
+            keep = ~done.squeeze(-1)
+            rows, zs, ys, f, last, ts = (t[keep] for t in (rows, zs, ys, f, last, ts))
+            as_ = as_[keep] if as_.dim() else as_
+            if rows.numel() == 0:
+                return y
+    y[rows] = ys
+    warnings.warn(
+        f"robust_vector_pool: the Newton iteration did not converge for {rows.numel()} "
+        f"set(s) in {_MAX_NEWTON} steps; their outputs are the lowest-objective points "
+        "reached (the objective never rose).",
+        DeclarativeWarning,
+        stacklevel=6,
+    )
     return y
 
 
@@ -242,7 +275,7 @@ def solve(pen: Penalty, x: Tensor, alpha: Tensor) -> Tensor:
     """
     if not has_kernels(pen):
         return solve_generic(pen, x.transpose(1, 2).contiguous(), alpha)
-    z, centre, half, a = frame(x, alpha)
+    z, _, half, a = frame(x, alpha)
     run = _kernels_for(pen, z, fused=True)
     starts = [z.mean(-1)]
     if not pen.is_convex:
@@ -254,10 +287,11 @@ def solve(pen: Penalty, x: Tensor, alpha: Tensor) -> Tensor:
     for y in starts:
         if pen.is_smooth:
             tol = _tolerance(z, a, math.sqrt(eps))
-            y = _reweighted(run["reweight"], z, y, a, tol, _SMOOTH_REWEIGHT)
-            y = _newton(run, z, y, a, tol)
+            y, done = _reweighted(run["reweight"], z, y, a, tol, _SMOOTH_REWEIGHT)
+            y = _newton(run, z, y, a, tol, guarded=not done)
         else:
-            y = _reweighted(run["reweight"], z, y, a, _tolerance(z, a, 8 * eps), _MAX_REWEIGHT)
+            tol = _tolerance(z, a, 8 * eps)
+            y = _reweighted(run["reweight"], z, y, a, tol, _MAX_REWEIGHT)[0]
         if len(starts) == 1:
             best = y
             break
@@ -268,7 +302,13 @@ def solve(pen: Penalty, x: Tensor, alpha: Tensor) -> Tensor:
             better = f < best_f
             best = torch.where(better, y, best)
             best_f = torch.where(better, f, best_f)
-    return centre + half * best  # type: ignore[operator]
+    # Back to the data's coordinates from the data point nearest to the answer:
+    # x_k + half·(y − z_k) is x_k exactly where the answer is that point (Welsch and the
+    # truncated quadratic with α below the rounding of centre + half·z, which would move it
+    # by more than α), and no less accurate than centre + half·y elsewhere.
+    nearest = (z - best.unsqueeze(-1)).square().sum(1).argmin(-1)  # type: ignore[union-attr]
+    rows = torch.arange(z.shape[0], device=z.device)
+    return x[rows, :, nearest] + half * (best - z[rows, :, nearest])
 
 
 def backward(

@@ -212,31 +212,38 @@ class PseudoHuber(Penalty):
     is_convex = True
     is_smooth = True
 
+    # Written with hypot(1, t) = sqrt(1 + t²), which does not overflow where t² would, and
+    # without the cancellation of sqrt(1 + t²) − 1 for small t.
+
+    @staticmethod
+    def _hypot(t: Tensor) -> Tensor:
+        return torch.hypot(torch.ones_like(t), t)
+
     def phi(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         a = self._a(alpha)
         t = z / a
-        return a * a * (torch.sqrt(1 + t * t) - 1)
+        return (a * a) * (t * (t / (self._hypot(t) + 1)))
 
     def dphi(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         t = z / self._a(alpha)
-        return z * torch.rsqrt(1 + t * t)
+        return z / self._hypot(t)
 
     def d2phi(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         t = z / self._a(alpha)
-        return torch.rsqrt(1 + t * t) ** 3
+        return self._hypot(t).reciprocal() ** 3
 
     def weight(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         t = z / self._a(alpha)
-        return torch.rsqrt(1 + t * t)
+        return self._hypot(t).reciprocal()
 
     def radial_excess(self, r: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         a = self._a(alpha)
         t = r / a
-        return -(torch.rsqrt(1 + t * t) ** 3) / (a * a)
+        return -(self._hypot(t).reciprocal() ** 3) / (a * a)
 
     def dphi_dalpha(self, z: Tensor, alpha: AlphaLike | None = None) -> Tensor:
         t = z / self._a(alpha)
-        return t * t * t * torch.rsqrt(1 + t * t) ** 3
+        return (t / self._hypot(t)) ** 3
 
 
 class Huber(Penalty):
