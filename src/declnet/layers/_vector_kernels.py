@@ -109,11 +109,38 @@ def _offsets(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return d, (d * d).sum(1)  # |z| ≤ 1 in the frame: no overflow
 
 
+def _distances(z: Tensor, y: Tensor) -> Tensor:
+    """``ρ = ‖y − z_i‖²`` ``(M, n)`` alone: squared in place (one temporary as large as
+    ``z``, not two) unless autograd records it."""
+    if torch.is_grad_enabled():
+        return _offsets(z, y)[1]
+    return (y.unsqueeze(-1) - z).square_().sum(1)
+
+
 def _reweight_sums(z: Tensor, y: Tensor, a: Tensor, terms: Terms) -> tuple[Tensor, Tensor]:
-    """Σ w_i ``(M, 1)`` and Σ w_i d_i ``(M, C)``: the reweighted mean is ``y − Σwd / Σw``."""
-    d, rho = _offsets(z, y)
-    w = terms(rho, a)[0]
-    return w.sum(-1, keepdim=True), torch.bmm(d, w.unsqueeze(-1)).squeeze(-1)
+    """Σ w_i ``(M, 1)`` and Σ w_i d_i ``(M, C)``: the reweighted mean is ``y − Σwd / Σw``.
+
+    ``Σ w_i d_i = (Σ w_i) y − Σ w_i z_i``: no cancellation beyond the dtype's precision in
+    the frame, where ``|y|, |z| ≤ 1``."""
+    w = terms(_distances(z, y), a)[0]
+    wsum = w.sum(-1, keepdim=True)
+    return wsum, wsum * y - torch.bmm(z, w.unsqueeze(-1)).squeeze(-1)
+
+
+def _scaled_offsets(d: Tensor, c: Tensor, spare: Tensor | None) -> Tensor:
+    """``c_i d_i`` ``(M, C, n)``, written into ``spare`` when there is one."""
+    if spare is None:
+        return d * c.unsqueeze(1)
+    return torch.mul(d, c.unsqueeze(1), out=spare)
+
+
+def _offsets_spare(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_offsets` and, unless autograd records it, the ``d²`` temporary for reuse."""
+    if torch.is_grad_enabled():
+        return (*_offsets(z, y), None)
+    d = y.unsqueeze(-1) - z
+    sq = d * d
+    return d, sq.sum(1), sq
 
 
 def _curvature_sums(
@@ -121,25 +148,25 @@ def _curvature_sums(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Σ w_i ``(M, 1)``, the gradient Σ w_i d_i ``(M, C)``, Σ c_i d_i d_iᵀ ``(M, C, C)``
     (so ``H = Σw I + Σ c d dᵀ``) and Σ h_i d_i ``(M, C)``."""
-    d, rho = _offsets(z, y)
+    d, rho, spare = _offsets_spare(z, y)
     w, c, h = terms(rho, a)
     both = torch.bmm(d, torch.stack((w, h), -1))  # Σ w d and Σ h d in one pass, (M, C, 2)
-    outer = torch.bmm(d * c.unsqueeze(1), d.transpose(1, 2))
+    outer = torch.bmm(_scaled_offsets(d, c, spare), d.transpose(1, 2))
     return w.sum(-1, keepdim=True), both[..., 0], outer, both[..., 1]
 
 
 def _objective(z: Tensor, y: Tensor, a: Tensor, phi: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """Σ φ_i ``(M, 1)``, summed in float64."""
-    return phi(_offsets(z, y)[1], a).sum(-1, keepdim=True, dtype=torch.float64)
+    return phi(_distances(z, y), a).sum(-1, keepdim=True, dtype=torch.float64)
 
 
 def _gradient(z: Tensor, y: Tensor, a: Tensor, u: Tensor, terms: Terms) -> Tensor:
     """``H_i u = w_i u + c_i (d_i · u) d_i`` ``(M, C, n)``: with ``u = H⁻¹ v`` the
     vector-Jacobian product ``vᵀ ∂y/∂x_i`` (Prop. 4.4)."""
-    d, rho = _offsets(z, y)
+    d, rho, spare = _offsets_spare(z, y)
     w, c, _ = terms(rho, a)
     du = torch.bmm(u.unsqueeze(1), d).squeeze(1)  # (M, n)
-    out = d * (c * du).unsqueeze(1)
+    out = _scaled_offsets(d, c * du, spare)
     return out.addcmul_(u.unsqueeze(-1), w.unsqueeze(1))  # in place on a new tensor
 
 

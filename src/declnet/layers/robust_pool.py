@@ -448,7 +448,11 @@ def robust_vector_pool(
     ``(B, C, H, W)``). With the quadratic penalty this is the mean of the points.
 
     Solver: iteratively reweighted means (Weiszfeld / mean-shift; the objective never
-    increases), then two Newton steps for the smooth penalties. For the non-convex
+    increases), then Newton steps for the smooth penalties (guarded by the objective where
+    the means have not converged). Built-in penalties are solved and differentiated in each
+    set's scaled frame (points centred on their bounding box and divided by its half-width),
+    so that inputs from 1e-30 to 1e30 (float32) and 1e-300 to 1e300 (float64) give the
+    scaled answer and gradient, with fused kernels. For the non-convex
     penalties (Welsch, truncated quadratic) it starts from the mean, the coordinatewise
     median and the data point nearest to that median, and keeps the lowest objective: a
     local minimum, not a certified global one (there is no sorting trick in more than one
