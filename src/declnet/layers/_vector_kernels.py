@@ -109,10 +109,16 @@ def _offsets(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return d, (d * d).sum(1)  # |z| ≤ 1 in the frame: no overflow
 
 
+def _eager_in_place() -> bool:
+    """Whether temporaries may be reused in place: not while autograd records the kernel
+    (a differentiated backward) or ``torch.compile`` traces it (which fuses them anyway)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _distances(z: Tensor, y: Tensor) -> Tensor:
     """``ρ = ‖y − z_i‖²`` ``(M, n)`` alone: squared in place (one temporary as large as
-    ``z``, not two) unless autograd records it."""
-    if torch.is_grad_enabled():
+    ``z``, not two) where :func:`_eager_in_place`."""
+    if not _eager_in_place():
         return _offsets(z, y)[1]
     return (y.unsqueeze(-1) - z).square_().sum(1)
 
@@ -135,8 +141,8 @@ def _scaled_offsets(d: Tensor, c: Tensor, spare: Tensor | None) -> Tensor:
 
 
 def _offsets_spare(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`_offsets` and, unless autograd records it, the ``d²`` temporary for reuse."""
-    if torch.is_grad_enabled():
+    """:func:`_offsets` and, where :func:`_eager_in_place`, the ``d²`` temporary for reuse."""
+    if not _eager_in_place():
         return (*_offsets(z, y), None)
     d = y.unsqueeze(-1) - z
     sq = d * d
