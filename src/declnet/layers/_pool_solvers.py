@@ -32,6 +32,7 @@ __all__ = [
     "generic_rule",
     "generic_solve",
     "has_closed_form_backward",
+    "keep_lower",
     "overrides",
     "rule_for",
     "solve_rows",
@@ -43,6 +44,18 @@ _WELSCH_QUANTILES = (0.5, 0.1, 0.25, 0.75, 0.9)
 _WELSCH_WINDOWS = (0.5, 0.125, 1 / 32)
 _WELSCH_START_STEPS = 2
 _WELSCH_SAME_START = 0.25  # starts closer than this many α to an earlier one are skipped
+
+
+def keep_lower(
+    best: Tensor | None, best_f: Tensor | None, y: Tensor, f: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Of two candidate answers per row (``best`` with objective ``best_f``, ``y`` with
+    ``f``; ``f`` shaped ``(M, 1)``, broadcasting over ``y``), the one with the lower
+    objective (the earlier on ties); ``(y, f)`` when there is no ``best`` yet."""
+    if best is None or best_f is None:
+        return y, f
+    better = f < best_f
+    return torch.where(better, y, best), torch.where(better, f, best_f)
 
 
 def _finfo(x: Tensor) -> torch.finfo:
@@ -988,13 +1001,7 @@ def _generic_solve(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, 
     best, best_f = None, None
     for u in starts:
         u = _generic_descent(pen, x, a, u, lo, hi)
-        f = _generic_objective(pen, x, u, a)
-        if best is None:
-            best, best_f = u, f
-        else:
-            better = f < best_f
-            best = torch.where(better, u, best)
-            best_f = torch.where(better, f, best_f)
+        best, best_f = keep_lower(best, best_f, u, _generic_objective(pen, x, u, a))
     return best, total, ()  # type: ignore[return-value]
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._diagnostics import DeclarativeWarning
 from ._kernels import kernel
+from ._pool_solvers import keep_lower
 from ._vector_kernels import KERNELS
 from .penalties import Penalty
 
@@ -111,13 +112,7 @@ def solve_generic(pen: Penalty, x: Tensor, a: Tensor) -> Tensor:
                 sol = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
                 ok = (info == 0).unsqueeze(-1) & torch.isfinite(sol)
                 y = torch.where(ok, y - sol, y)
-        f = _vector_objective(pen, x, y, a)
-        if best is None:
-            best, best_f = y, f
-        else:
-            better = (f < best_f).unsqueeze(-1)
-            best = torch.where(better, y, best)
-            best_f = torch.where(better.squeeze(-1), f, best_f)
+        best, best_f = keep_lower(best, best_f, y, _vector_objective(pen, x, y, a).unsqueeze(-1))
     return best  # type: ignore[return-value]
 
 
@@ -295,13 +290,7 @@ def solve(pen: Penalty, x: Tensor, alpha: Tensor) -> Tensor:
         if len(starts) == 1:
             best = y
             break
-        f = run["objective"](z, y, a)  # type: ignore[operator]
-        if best is None:
-            best, best_f = y, f
-        else:
-            better = f < best_f
-            best = torch.where(better, y, best)
-            best_f = torch.where(better, f, best_f)
+        best, best_f = keep_lower(best, best_f, y, run["objective"](z, y, a))  # type: ignore[operator]
     # Back to the data's coordinates from the data point nearest to the answer:
     # x_k + half·(y − z_k) is x_k exactly where the answer is that point (Welsch and the
     # truncated quadratic with α below the rounding of centre + half·z, which would move it
