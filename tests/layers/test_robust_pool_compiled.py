@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from declnet import DeclarativeWarning
-from declnet.layers import PseudoHuber, compile_mode, robust_pool, set_compile_mode
+from declnet.layers import (
+    Huber,
+    PseudoHuber,
+    TruncatedQuadratic,
+    Welsch,
+    compile_mode,
+    robust_pool,
+    robust_vector_pool,
+    set_compile_mode,
+)
 
 
 @pytest.mark.slow
@@ -62,3 +71,29 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch):
         set_compile_mode(previous)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert kernels._state["broken"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch's own compile stack
+@pytest.mark.parametrize("cls", [PseudoHuber, Huber, Welsch, TruncatedQuadratic])
+def test_compiled_vector_kernels_equal_eager(cls):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 64, generator=gen)
+    x[..., :8] += 4.0
+    v = torch.randn(4, 5, generator=gen)
+    previous = compile_mode()
+    results = []
+    try:
+        for mode in ("never", "always"):
+            set_compile_mode(mode)
+            xg = x.clone().requires_grad_()
+            alpha = torch.tensor(0.8, requires_grad=True)
+            y = robust_vector_pool(xg, cls(alpha))
+            y.backward(v)
+            results.append((y.detach(), xg.grad, alpha.grad))
+    finally:
+        set_compile_mode(previous)
+    (y_e, g_e, a_e), (y_c, g_c, a_c) = results
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a_c, a_e, rtol=1e-4, atol=1e-5)
