@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from declnet import DeclarativeWarning
 from declnet.layers import (
+    Huber,
     PseudoHuber,
     RobustVectorPool,
     Welsch,
@@ -111,3 +113,19 @@ def test_nan_confined_and_errors():
         robust_vector_pool(rand(B, C, N), "huber", vector_dim=5)
     with pytest.raises(ValueError, match="pooled set is empty"):
         robust_vector_pool(torch.zeros(B, C, 0), "huber")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("generic", [False, True], ids=["builtin", "user"])
+def test_a_flat_direction_is_reported_singular_after_scaling(dtype, generic):
+    # Two equal clusters farther apart than Huber's α: every point of the segment between
+    # them is a minimiser, so H is singular along it. Rounding leaves a pivot of ~1e-16
+    # relative (LU "succeeds"); judged after scaling, it is singular: a warning and the
+    # pseudo-inverse instead of a gradient of size 1/eps.
+    cls = type("UserHuber", (Huber,), {}) if generic else Huber
+    x = torch.cat([torch.zeros(1, 3, 4), torch.ones(1, 3, 4)], -1).to(dtype).requires_grad_()
+    with pytest.warns(DeclarativeWarning, match="singular for 1 output"):
+        y = robust_vector_pool(x, cls(0.5))
+        y.sum().backward()
+    torch.testing.assert_close(y.detach(), torch.full((1, 3), 0.5, dtype=dtype))
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() <= 1.0

@@ -323,9 +323,11 @@ def _solve_hessian(hess: Tensor, v: Tensor, what: str) -> Tensor:
     if not differentiable_backward():
         return vector_solvers.solve_hessian(hess, v, what)
     sol, info = torch.linalg.solve_ex(hess, v.unsqueeze(-1))
-    bad = ((info != 0) | ~torch.isfinite(sol).all(dim=(-2, -1))) & torch.isfinite(hess).all(
-        dim=(-2, -1)
-    )
+    bad = (
+        (info != 0)
+        | ~torch.isfinite(sol).all(dim=(-2, -1))
+        | vector_solvers.singular_hessian(hess)  # judged after scaling
+    ) & torch.isfinite(hess).all(dim=(-2, -1))
     if torch.compiler.is_compiling():
         # No data-dependent branch in the graph: the warning is a graph node, and the
         # pseudo-inverse is taken of every Hessian (the identity where H is regular).
@@ -462,7 +464,8 @@ def robust_vector_pool(
 
     Backward (Prop. 4.4): ``dJ/dx_i = H_i H⁻¹ v`` with ``H_i = w_i I + c_i d_i d_iᵀ``,
     ``d_i = y − x_i``, ``w_i = φ'(r_i)/r_i``, ``c_i = (φ''(r_i) − w_i)/r_i²`` and
-    ``H = Σ_i H_i``; where ``H`` is singular its pseudo-inverse is used, with a warning.
+    ``H = Σ_i H_i``; where ``H`` is singular (judged after Jacobi scaling, relative to the
+    dtype's precision) its pseudo-inverse is used, with a warning.
     Sets containing NaN or ±inf give NaN.
 
     Args:
