@@ -48,6 +48,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--compile", default="both", choices=("both", "always", "never"))
     args = parser.parse_args()
     modes = ("always", "never") if args.compile == "both" else (args.compile,)
@@ -56,13 +57,13 @@ def main() -> None:
     a = args.alpha
     print(
         f"torch {torch.__version__}, declnet {declnet.__version__}, device {device}, "
-        f"threads {torch.get_num_threads()}, float32, alpha = {a}, "
+        f"threads {torch.get_num_threads()}, {args.dtype}, alpha = {a}, "
         f"median of {args.repeats} interleaved runs\n"
     )
     penalties = [PseudoHuber, Huber, Welsch, TruncatedQuadratic]
     for shape in shapes:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(*shape, generator=gen)
+        x = torch.randn(*shape, generator=gen, dtype=getattr(torch, args.dtype))
         x[..., : shape[-1] // 10] += 5.0  # a cluster of outliers
         x = x.to(device)
         layers: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [
