@@ -129,3 +129,30 @@ def test_a_flat_direction_is_reported_singular_after_scaling(dtype, generic):
         y.sum().backward()
     torch.testing.assert_close(y.detach(), torch.full((1, 3), 0.5, dtype=dtype))
     assert torch.isfinite(x.grad).all() and x.grad.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch", "truncated_quadratic"])
+def test_fused_path_reaches_the_generic_paths_objective(name):
+    # The built-in penalty (scaled frame, fused kernels, guarded Newton) against the same
+    # class as a user's subclass (the generic solver in the data's coordinates).
+    cls = type(as_penalty(name))
+    user = type(f"User{cls.__name__}", (cls,), {})
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(8):
+        dtype = (torch.float32, F64)[trial % 2]
+        sets, dims, points = 6, 1 + 3 * trial, 20 + 10 * trial
+        x = torch.randn(sets, dims, points, generator=gen, dtype=dtype)
+        x[..., : points // 3] += 4.0
+        alpha = 0.3 + 0.4 * trial
+        y_fused = robust_vector_pool(x, cls(alpha))
+        y_user = robust_vector_pool(x, user(alpha))
+        f_fused = _objective(cls(alpha), x, y_fused)
+        f_user = _objective(cls(alpha), x, y_user)
+        tol = 1e-5 if dtype == torch.float32 else 1e-11
+        assert (f_fused <= f_user + tol * (f_user.abs() + 1)).all()
+
+
+def _objective(pen, x, y):
+    """Σ_i φ(‖y − x_i‖) in float64 for sets ``x (M, C, n)`` and outputs ``y (M, C)``."""
+    r = torch.linalg.vector_norm(y.double().unsqueeze(-1) - x.double(), dim=1)
+    return pen.phi(r, torch.as_tensor(pen.alpha, dtype=F64)).sum(-1)
