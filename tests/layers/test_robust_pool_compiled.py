@@ -20,23 +20,32 @@ from declnet.layers import (
 )
 
 
+def eager_then_compiled(run):
+    """``[run(), run()]`` with the kernels eager, then compiled (the mode restored after)."""
+    previous = compile_mode()
+    try:
+        results = []
+        for mode in ("never", "always"):
+            set_compile_mode(mode)
+            results.append(run())
+        return results
+    finally:
+        set_compile_mode(previous)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch's own compile stack
 def test_compiled_equals_eager():
     x = torch.randn(4, 6, 33, generator=torch.Generator().manual_seed(0))
     v = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-    previous = compile_mode()
-    results = []
-    try:
-        for mode in ("never", "always"):
-            set_compile_mode(mode)
-            xg = x.clone().requires_grad_()
-            y = robust_pool(xg, PseudoHuber(0.7))
-            y.backward(v)
-            results.append((y.detach(), xg.grad))
-    finally:
-        set_compile_mode(previous)
-    (y_eager, g_eager), (y_comp, g_comp) = results
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = robust_pool(xg, PseudoHuber(0.7))
+        y.backward(v)
+        return y.detach(), xg.grad
+
+    (y_eager, g_eager), (y_comp, g_comp) = eager_then_compiled(run)
     # Same formulas; only the summation order may differ.
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
@@ -81,19 +90,15 @@ def test_compiled_vector_kernels_equal_eager(cls):
     x = torch.randn(4, 5, 64, generator=gen)
     x[..., :8] += 4.0
     v = torch.randn(4, 5, generator=gen)
-    previous = compile_mode()
-    results = []
-    try:
-        for mode in ("never", "always"):
-            set_compile_mode(mode)
-            xg = x.clone().requires_grad_()
-            alpha = torch.tensor(0.8, requires_grad=True)
-            y = robust_vector_pool(xg, cls(alpha))
-            y.backward(v)
-            results.append((y.detach(), xg.grad, alpha.grad))
-    finally:
-        set_compile_mode(previous)
-    (y_e, g_e, a_e), (y_c, g_c, a_c) = results
+
+    def run():
+        xg = x.clone().requires_grad_()
+        alpha = torch.tensor(0.8, requires_grad=True)
+        y = robust_vector_pool(xg, cls(alpha))
+        y.backward(v)
+        return y.detach(), xg.grad, alpha.grad
+
+    (y_e, g_e, a_e), (y_c, g_c, a_c) = eager_then_compiled(run)
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a_c, a_e, rtol=1e-4, atol=1e-5)
