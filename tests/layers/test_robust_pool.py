@@ -643,3 +643,28 @@ def test_welsch_skipping_repeated_starts_keeps_the_minimum(monkeypatch):
     f_every = objective(pen, x, every.unsqueeze(-1)).squeeze(-1)
     assert (f_skip <= f_every + 1e-9).float().mean() >= 0.99
     assert evaluated_skipping < sum(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huber_kernels_count_inliers_exactly_at_ties_and_with_infinities(dtype):
+    # The kernels form their indicators as clamped signs; compare with comparisons.
+    _kernels = sys.modules["declnet.layers._kernels"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, generator=gen, dtype=dtype)
+    u = torch.zeros(6, 1, dtype=dtype)
+    a = torch.tensor(0.5, dtype=dtype)
+    x[:, :5] = 0.5  # exactly on the boundary |u − x| = α
+    x[:, 5:8] = -0.5
+    x[1, 9], x[2, 10] = math.inf, -math.inf
+    z = u - x
+    g, h = _kernels.huber_sums(x, u, a)
+    torch.testing.assert_close(g, z.clamp(-0.5, 0.5).sum(-1, keepdim=True))
+    torch.testing.assert_close(h, (z.abs() < a).to(dtype).sum(-1, keepdim=True))
+    cnt, sgn = _kernels.huber_backward_sums(x, u, a)
+    torch.testing.assert_close(cnt, (z.abs() <= a).to(dtype).sum(-1, keepdim=True))
+    outside = (z.abs() > a).to(dtype)
+    torch.testing.assert_close(sgn, (torch.sign(z) * outside).sum(-1, keepdim=True))
+    scale = torch.rand(6, 1, generator=gen, dtype=dtype)
+    torch.testing.assert_close(
+        _kernels.huber_backward_grad(x, u, a, scale), scale * (z.abs() <= a).to(dtype)
+    )

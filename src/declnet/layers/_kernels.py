@@ -151,11 +151,21 @@ def pseudo_huber_first_sums(
     return row_stats(x) + pseudo_huber_sums(x, u, a, inv)
 
 
+# Indicators as sign(·) clamped at 0 (1 where positive, 0 at zero, below zero and for NaN):
+# exact, and several times faster in eager mode on CPU than a comparison and a conversion
+# of the boolean result (which are not vectorised there); the same under torch.compile.
+
+
+def _positive(t: Tensor) -> Tensor:
+    """``1[t > 0]`` in ``t``'s dtype, in place (``t`` is a temporary)."""
+    return t.sign_().clamp_min_(0)
+
+
 def huber_sums(x: Tensor, u: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Σ φ'(u − x_i) and the number of strict inliers ``|u − x_i| < α``; each ``(M, 1)``."""
     z = u - x
+    h = _positive(a - z.abs()).sum(-1, keepdim=True)
     g = torch.minimum(torch.maximum(z, -a), a).sum(-1, keepdim=True)
-    h = (z.abs() < a).to(x.dtype).sum(-1, keepdim=True)
     return g, h
 
 
@@ -233,10 +243,9 @@ def welsch_backward_grad(
 def huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """Number of inliers ``|y − x_i| ≤ α`` and Σ sign(y − x_i) over outliers; each ``(M, 1)``."""
     z = y - x
-    az = z.abs()
-    cnt = (az <= a).to(x.dtype).sum(-1, keepdim=True)
-    sgn = (torch.sign(z) * (az > a).to(x.dtype)).sum(-1, keepdim=True)
-    return cnt, sgn
+    outlier = _positive(z.abs() - a)
+    cnt = z.shape[-1] - outlier.sum(-1, keepdim=True)
+    return cnt, outlier.mul_(z.sign_()).sum(-1, keepdim=True)
 
 
 def window_sums(x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -320,7 +329,7 @@ def truncated_range_sums(
 
 def huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
     """``scale · 1[|y − x_i| ≤ α]``, shape ``(M, n)``."""
-    return scale * ((y - x).abs() <= a).to(x.dtype)
+    return _positive((y - x).abs_() - a).neg_().add_(1).mul_(scale)
 
 
 def window_grad(x: Tensor, lo: Tensor, hi: Tensor, scale: Tensor) -> Tensor:
