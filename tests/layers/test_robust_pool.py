@@ -668,3 +668,19 @@ def test_huber_kernels_count_inliers_exactly_at_ties_and_with_infinities(dtype):
     torch.testing.assert_close(
         _kernels.huber_backward_grad(x, u, a, scale), scale * (z.abs() <= a).to(dtype)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_window_kernels_include_both_ends(dtype):
+    _kernels = sys.modules["declnet.layers._kernels"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 30, generator=gen, dtype=dtype)
+    lo, hi = x[:, :1].clone(), x[:, 1:2].clone()  # two data points are the ends
+    lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    inside = ((x >= lo) & (x <= hi)).to(dtype)
+    total, count = _kernels.window_sums(x, lo, hi)
+    torch.testing.assert_close(total, (x * inside).sum(-1, keepdim=True))
+    torch.testing.assert_close(count, inside.sum(-1, keepdim=True))
+    scale = torch.rand(5, 1, generator=gen, dtype=dtype)
+    torch.testing.assert_close(_kernels.window_grad(x, lo, hi, scale), scale * inside)
+    assert bool((count >= 2).all())

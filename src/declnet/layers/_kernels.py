@@ -248,10 +248,16 @@ def huber_backward_sums(x: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor
     return cnt, outlier.mul_(z.sign_()).sum(-1, keepdim=True)
 
 
+def _window(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``1[lo ≤ x_i ≤ hi]`` in ``x``'s dtype (``lo ≤ hi``; also 1 for a NaN, whose row is
+    NaN anyway)."""
+    return _positive(lo - x).add_(_positive(x - hi)).neg_().add_(1)
+
+
 def window_sums(x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """Σ x_i and the count over ``lo ≤ x_i ≤ hi``; each ``(M, 1)``."""
-    m = (x >= lo) & (x <= hi)
-    return torch.where(m, x, 0.0).sum(-1, keepdim=True), m.to(x.dtype).sum(-1, keepdim=True)
+    m = _window(x, lo, hi)
+    return (x * m).sum(-1, keepdim=True), m.sum(-1, keepdim=True)
 
 
 def truncated_prefix_sums(s: Tensor, ref: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -334,7 +340,7 @@ def huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tenso
 
 def window_grad(x: Tensor, lo: Tensor, hi: Tensor, scale: Tensor) -> Tensor:
     """``scale · 1[lo ≤ x_i ≤ hi]``, shape ``(M, n)``."""
-    return scale * ((x >= lo) & (x <= hi)).to(x.dtype)
+    return _window(x, lo, hi).mul_(scale)
 
 
 _EAGER: dict[str, Callable[..., object]] = {
