@@ -50,14 +50,19 @@ def _pseudo_huber(rho: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return u, -u3, (a * a) * u3
 
 
+def _outside(rho: Tensor, a2: Tensor) -> Tensor:
+    """``1[ρ > α²]`` as a clamped sign: exact, and several times faster in eager mode on CPU
+    than a comparison and a conversion of its boolean result."""
+    return torch.sign(rho - a2).clamp_min(0)
+
+
 def _huber(rho: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Factor 1/α: ``w = 1/max(α, r)``; outside ``c = −w³``, ``h = 0``; inside ``c = 0``,
     ``h = w = 1/α``."""
     a2 = _floor_square(rho, a)
     w = torch.maximum(rho, a2).rsqrt()
-    inside = rho <= a2
-    zero = torch.zeros((), dtype=rho.dtype, device=rho.device)
-    return w, torch.where(inside, zero, -(w * w * w)), torch.where(inside, w, zero)
+    out = _outside(rho, a2)
+    return w, -(w * w * w) * out, w * (1 - out)
 
 
 def _welsch_t2(rho: Tensor, a: Tensor) -> Tensor:
@@ -73,7 +78,7 @@ def _welsch(rho: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _truncated(rho: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``w = h = 1[ρ ≤ α²]``, ``c = 0``."""
-    w = (rho <= _floor_square(rho, a)).to(rho.dtype)
+    w = 1 - _outside(rho, _floor_square(rho, a))
     return w, torch.zeros_like(w), w
 
 
