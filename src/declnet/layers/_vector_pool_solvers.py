@@ -31,6 +31,7 @@ from .penalties import Penalty
 
 __all__ = [
     "backward",
+    "backward_generic",
     "frame",
     "has_kernels",
     "hessian",
@@ -82,15 +83,16 @@ def hessian(
     return hess, d, r, w, c
 
 
-def _jacobi_scaled(hess: Tensor) -> Tensor:
-    """``D H D`` with ``D = diag(H)^(-1/2)`` (unit diagonal where ``H``'s is positive; a
-    non-finite ``H`` is replaced by the identity, so that what follows never fails on it)."""
+def _jacobi_scaled(hess: Tensor) -> tuple[Tensor, Tensor]:
+    """``D H D`` and ``diag(D)`` with ``D = diag(H)^(-1/2)`` (unit diagonal where ``H``'s is
+    positive; a non-finite ``H`` is replaced by the identity, so that what follows never
+    fails on it)."""
     finite = torch.isfinite(hess).all(dim=(-2, -1), keepdim=True)
     eye = torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
     h = torch.where(finite, hess, eye)
     d = h.diagonal(dim1=-2, dim2=-1)
     s = torch.where(d > 0, d, torch.ones_like(d)).rsqrt()
-    return s.unsqueeze(-1) * h * s.unsqueeze(-2)
+    return s.unsqueeze(-1) * h * s.unsqueeze(-2), s
 
 
 def _singular_tol(hess: Tensor) -> float:
@@ -102,7 +104,7 @@ def singular_hessian(hess: Tensor) -> Tensor:
     eigenvalue of smallest magnitude is below ``8 C eps`` times the largest. Branch-free
     (traceable and batchable), not differentiated."""
     with torch.no_grad():
-        lam = torch.linalg.eigvalsh(_jacobi_scaled(hess.detach())).abs()
+        lam = torch.linalg.eigvalsh(_jacobi_scaled(hess.detach())[0]).abs()
         return lam.amin(-1) <= _singular_tol(hess) * lam.amax(-1)
 
 
@@ -115,9 +117,7 @@ def solve_hessian(hess: Tensor, rhs: Tensor, what: str) -> Tensor:
     (indefinite) ones LU. Singularity is judged after scaling, never by an absolute
     threshold, so an exactly flat direction (collinear Huber outliers, a Welsch saddle)
     rounding to a tiny nonzero pivot is still caught."""
-    scaled = _jacobi_scaled(hess)
-    d = hess.diagonal(dim1=-2, dim2=-1)
-    s = torch.where(d > 0, d, torch.ones_like(d)).rsqrt()
+    scaled, s = _jacobi_scaled(hess)
     chol, info = torch.linalg.cholesky_ex(scaled)
     pivots = chol.diagonal(dim1=-2, dim2=-1).square().amin(-1)
     sol = s.unsqueeze(-1) * torch.cholesky_solve((s * rhs).unsqueeze(-1), chol)
@@ -384,3 +384,31 @@ def backward(
         scale = a_true.clamp_min(torch.finfo(z.dtype).tiny).squeeze(-1)
         grad_alpha = (u * hd).sum(-1) / scale
     return grad, grad_alpha
+
+
+def backward_generic(
+    pen: Penalty,
+    x: Tensor,
+    y: Tensor,
+    alpha: Tensor,
+    v: Tensor,
+    solve_h,  # type: ignore[no-untyped-def]
+    need_alpha: bool,
+    differentiable: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`backward` for a user's penalty, with its own ``weight``, ``radial_excess`` and
+    ``dphi_dalpha`` in the data's coordinates (``x (M, C, n)``; the formulas are plain
+    differentiable operations, so ``differentiable`` changes nothing here)."""
+    xt = x.transpose(1, 2).contiguous()  # (M, n, C)
+    hess, d, r, w, c = hessian(pen, xt, y, alpha)
+    u = solve_h(hess, v)  # H⁻¹ v, (M, C)
+    # dJ/dx_i = H_i H⁻¹ v with H_i = w_i I + c_i d_i d_iᵀ (Prop. 4.4, left to right).
+    du = (d @ u.unsqueeze(-1)).squeeze(-1)  # (M, n)
+    grad = w.unsqueeze(-1) * u.unsqueeze(1) + (c * du).unsqueeze(-1) * d
+    per_set = None
+    if need_alpha:
+        ar = alpha.reshape(-1, 1) if alpha.dim() else alpha
+        factor = torch.where(r > 0, pen.dphi_dalpha(r, ar) / r, torch.zeros_like(r))
+        mixed = (factor.unsqueeze(-1) * d).sum(1)  # D_α ∇_y f, (M, C)
+        per_set = -(u * mixed).sum(-1)
+    return grad.transpose(1, 2), per_set

@@ -386,38 +386,22 @@ class _RobustVectorPoolFunction(torch.autograd.Function):
     def backward(ctx, v):  # type: ignore[no-untyped-def, override]
         x, alpha, y = ctx.saved_tensors
         pen = ctx.pen
-        if vector_solvers.has_kernels(pen):
-            grad, per_set = vector_solvers.backward(
-                pen,
-                x,
-                y,
-                alpha,
-                v,
-                lambda hess, rhs: _solve_hessian(hess, rhs, type(pen).__name__),
-                need_alpha=ctx.needs_input_grad[1],
-                differentiable=differentiable_backward(),
-            )
-            grad_alpha = None
-            if per_set is not None:
-                grad_alpha = per_set.sum() if alpha.dim() == 0 else per_set.reshape(alpha.shape)
-            return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None
-        x = x.transpose(1, 2).contiguous()  # (M, n, C) for a user's penalty
-        hess, d, r, w, c = vector_solvers.hessian(pen, x, y, alpha)
-        u = _solve_hessian(hess, v, type(pen).__name__)  # H⁻¹ v, (M, C)
-        # dJ/dx_i = H_i H⁻¹ v with H_i = w_i I + c_i d_i d_iᵀ (Prop. 4.4, left to right).
-        grad = (
-            w.unsqueeze(-1) * u.unsqueeze(1)
-            + (c * (d @ u.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1) * d
+        fused = vector_solvers.has_kernels(pen)
+        rule = vector_solvers.backward if fused else vector_solvers.backward_generic
+        grad, per_set = rule(
+            pen,
+            x,
+            y,
+            alpha,
+            v,
+            lambda hess, rhs: _solve_hessian(hess, rhs, type(pen).__name__),
+            need_alpha=ctx.needs_input_grad[1],
+            differentiable=differentiable_backward(),
         )
         grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            ar = alpha.reshape(-1, 1) if alpha.dim() else alpha
-            factor = torch.where(r > 0, pen.dphi_dalpha(r, ar) / r, torch.zeros_like(r))
-            mixed = (factor.unsqueeze(-1) * d).sum(1)  # D_α ∇_y f, (M, C)
-            per_row = -(u * mixed).sum(-1)
-            grad_alpha = per_row.sum() if alpha.dim() == 0 else per_row.reshape(alpha.shape)
-        grad = grad.transpose(1, 2) if ctx.needs_input_grad[0] else None
-        return grad, grad_alpha, None
+        if per_set is not None:
+            grad_alpha = per_set.sum() if alpha.dim() == 0 else per_set.reshape(alpha.shape)
+        return (grad if ctx.needs_input_grad[0] else None), grad_alpha, None
 
     @staticmethod
     def vmap(info, in_dims, x, alpha, pen):  # type: ignore[no-untyped-def, override]
