@@ -610,39 +610,87 @@ def test_alpha_whose_reciprocal_is_not_a_normal_float(name, dtype, huge, tiny):
         torch.testing.assert_close(y, x.median(-1).values, rtol=0, atol=0)
 
 
-def test_welsch_skipping_repeated_starts_keeps_the_minimum(monkeypatch):
-    # Starts within α/4 of an earlier one are skipped row by row: on clustered and uniform
-    # data the objective reached equals that of running every start, at fewer evaluations.
-    module = sys.modules["declnet.layers._pool_solvers"]
-    gen = torch.Generator().manual_seed(37)
-    centres = torch.tensor([0.0, 2.0, 5.0], dtype=F64)
-    pick = torch.randint(0, 3, (300, 64), generator=gen)
-    clustered = centres[pick] + 0.3 * torch.randn(300, 64, generator=gen, dtype=F64)
-    uniform = 8 * torch.rand(100, 64, generator=gen, dtype=F64)
-    x = torch.cat([clustered, uniform])
-    pen = Welsch(0.5)
+def _counting_kernels(monkeypatch, module):
+    """Record the number of rows of every kernel call of the pooling solvers."""
     rows = []
-    sums = module.kernel
+    make_kernel = module.kernel
 
     def counting(name, t):
-        run = sums(name, t)
+        run = make_kernel(name, t)
 
         def call(*args):
-            rows.append(args[0].shape[0])
+            rows.append((name, args[0].shape[0]))
             return run(*args)
 
         return call
 
     monkeypatch.setattr(module, "kernel", counting)
+    return rows
+
+
+def test_welsch_skipping_low_peaks_keeps_the_minimum(monkeypatch):
+    # Histogram peaks below half the highest are not tried: on clustered and uniform data the
+    # objective reached equals that of trying every peak, at fewer evaluations.
+    module = sys.modules["declnet.layers._pool_solvers"]
+    gen = torch.Generator().manual_seed(37)
+    centres = torch.tensor([0.0, 2.0, 5.0], dtype=F64)
+    weights = torch.tensor([0.75, 0.2, 0.05], dtype=F64)
+    pick = torch.multinomial(weights, 300 * 64, replacement=True, generator=gen).view(300, 64)
+    clustered = centres[pick] + 0.3 * torch.randn(300, 64, generator=gen, dtype=F64)
+    uniform = 8 * torch.rand(100, 64, generator=gen, dtype=F64)
+    x = torch.cat([clustered, uniform])
+    pen = Welsch(0.5)
+    rows = _counting_kernels(monkeypatch, module)
     skipped = robust_pool(x, pen)
-    evaluated_skipping = sum(rows)
+    evaluated_skipping = sum(r for name, r in rows if name == "welsch_sums")
     rows.clear()
-    monkeypatch.setattr(module, "_WELSCH_SAME_START", 0.0)
+    monkeypatch.setattr(module, "_WELSCH_PEAK_REL", 0.0)
     every = robust_pool(x, pen)
     f_skip = objective(pen, x, skipped.unsqueeze(-1)).squeeze(-1)
     f_every = objective(pen, x, every.unsqueeze(-1)).squeeze(-1)
     assert (f_skip <= f_every + 1e-9).float().mean() >= 0.99
-    assert evaluated_skipping < sum(rows)
+    assert evaluated_skipping < sum(r for name, r in rows if name == "welsch_sums")
+
+
+def test_welsch_histogram_starts_find_the_global_minimum_without_sorting(monkeypatch):
+    # Uniform data has many local minima of nearly equal depth (the sorted quantile and
+    # window starts miss 2 of these 200 rows); the histogram peaks find the global one, and no
+    # row is sorted when the data span fewer than 128 α.
+    module = sys.modules["declnet.layers._pool_solvers"]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([10 * torch.rand(150, 128, generator=gen, dtype=F64),
+                   torch.randn(50, 128, generator=gen, dtype=F64)])
+    pen = Welsch(1.0)
+    rows = _counting_kernels(monkeypatch, module)
+    sorts = []
+    monkeypatch.setattr(module, "_sorted_rows", lambda t: sorts.append(t) or t.sort(-1).values)
+    y = robust_pool(x, pen)
+    f_y = objective(pen, x, y.unsqueeze(-1)).squeeze(-1)
+    assert (f_y <= grid_minimum(pen, x, points=2001) + 1e-9).all()  # sorted starts: 2 misses
+    assert not sorts
+    assert any(name == "histogram_counts" for name, _ in rows)
+
+
+def test_welsch_far_clusters_fall_back_to_the_sorted_starts(monkeypatch):
+    # Two clusters 1e4 α apart: the histogram (at most 512 bins of α/4) covers one of them,
+    # the wide cluster, which holds most points but not the deepest minimum: its bound on the
+    # objective outside says the global minimum may lie elsewhere, and the row also tries the
+    # sorted starts, which find the tight cluster.
+    module = sys.modules["declnet.layers._pool_solvers"]
+    gen = torch.Generator().manual_seed(8)
+    tight = 0.05 * torch.randn(6, 120, generator=gen, dtype=F64)
+    wide = 1e4 + 3.0 * torch.randn(6, 150, generator=gen, dtype=F64)
+    x = torch.cat([tight, wide], -1)
+    x[3:] = torch.cat([1e4 + tight[3:], wide[3:] - 1e4], -1)  # the other way round
+    pen = Welsch(1.0)
+    sorts = []
+    monkeypatch.setattr(module, "_sorted_rows", lambda t: sorts.append(t) or t.sort(-1).values)
+    y = robust_pool(x, pen)
+    expected = torch.tensor([0.0] * 3 + [1e4] * 3, dtype=F64)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0.05)
+    f_y = objective(pen, x, y.unsqueeze(-1)).squeeze(-1)
+    assert (f_y <= grid_minimum(pen, x[:, :120], points=2001) + 150 + 1e-9).all()
+    assert sum(t.shape[0] for t in sorts) == 6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -684,3 +732,24 @@ def test_window_kernels_include_both_ends(dtype):
     scale = torch.rand(5, 1, generator=gen, dtype=dtype)
     torch.testing.assert_close(_kernels.window_grad(x, lo, hi, scale), scale * inside)
     assert bool((count >= 2).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_histogram_counts_bins_overflow_and_nan(dtype):
+    _kernels = sys.modules["declnet.layers._kernels"]
+    gen = torch.Generator().manual_seed(2)
+    x = 3 * torch.randn(4, 200, generator=gen, dtype=dtype)
+    x[0, :3] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)
+    origin = torch.full((4, 1), -2.0, dtype=dtype)
+    h = torch.tensor(0.5, dtype=dtype)
+    counts = _kernels.histogram_counts(x, origin, h, 8)
+    q = (x - origin) / h
+    below = (q < 0) | torch.isnan(q)
+    above = q >= 8
+    assert counts.shape == (4, 10)
+    torch.testing.assert_close(counts[:, 0], below.to(dtype).sum(-1))
+    torch.testing.assert_close(counts[:, -1], above.to(dtype).sum(-1))
+    for k in range(8):
+        inside = (q >= k) & (q < k + 1)
+        torch.testing.assert_close(counts[:, k + 1], inside.to(dtype).sum(-1))
+    assert (counts.sum(-1) == 200).all()

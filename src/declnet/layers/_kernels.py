@@ -290,6 +290,23 @@ def truncated_window_costs(
     return best, index
 
 
+def _bins(s: Tensor, o: Tensor, h: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The bin coordinate ``q = (s − o) / h`` clamped to ``[−1, bins]`` (NaN → −1), its floor
+    and the bin index ``floor(q) + 1`` (0: below, ``bins + 1``: at or above ``bins``)."""
+    q = torch.nan_to_num((s - o) / h, nan=-1.0, posinf=float(bins), neginf=-1.0)
+    q = q.clamp(-1.0, float(bins))
+    fl = q.floor()
+    return q, fl, (fl + 1).to(torch.int64)
+
+
+def histogram_counts(s: Tensor, o: Tensor, h: Tensor, bins: int) -> Tensor:
+    """Counts of ``q = (s − o) / h`` on ``bins`` unit bins with two overflow bins (as
+    :func:`truncated_histogram`, counts only); ``(M, bins + 2)`` in ``s``'s dtype."""
+    idx = _bins(s, o, h, bins)[2]
+    out = torch.zeros((s.shape[0], bins + 2), dtype=s.dtype, device=s.device)
+    return out.scatter_add_(1, idx, torch.ones_like(s))
+
+
 def truncated_histogram(
     s: Tensor, o: Tensor, h: Tensor, bins: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -300,10 +317,7 @@ def truncated_histogram(
     the sums of the local coordinate ``l = q − k − 1/2`` and of ``l²`` (0 in the overflow
     bins); each ``(M, bins + 2)``.
     """
-    q = torch.nan_to_num((s - o) / h, nan=-1.0, posinf=float(bins), neginf=-1.0)
-    q = q.clamp(-1.0, float(bins))
-    fl = q.floor()
-    idx = (fl + 1).to(torch.int64)
+    q, fl, idx = _bins(s, o, h, bins)
     regular = (fl >= 0) & (fl < bins)
     local = torch.where(regular, q - fl - 0.5, 0.0)
     shape = (s.shape[0], bins + 2)
@@ -364,6 +378,7 @@ _EAGER: dict[str, Callable[..., object]] = {
         truncated_prefix_sums,
         truncated_window_costs,
         truncated_histogram,
+        histogram_counts,
         truncated_objective,
         truncated_range_sums,
     )

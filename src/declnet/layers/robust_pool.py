@@ -177,9 +177,12 @@ def robust_pool(
       arbitrarily. Rows of at least 64 values first bound the objective on a histogram
       around the median and enumerate only the windows the minimiser can have (same
       answer); rows the bounds cannot certify use the full enumeration.
-    - ``Welsch``: multi-start (mean, data quantiles, dense windows; a start within
-      ``α / 4`` of an earlier one is skipped) safeguarded Newton / mean-shift; the lowest
-      objective found, usually but not always the global minimum.
+    - ``Welsch``: multi-start safeguarded Newton / mean-shift from the highest peaks of a
+      histogram of bins of ``α / 4`` smoothed by the Gaussian of width ``α`` (no sort);
+      rows spread over more than 128 α around their densest part, whose histogram cannot
+      show that the minimum lies inside it, also start from data quantiles and dense
+      windows of the sorted data. The lowest objective found, usually but not always the
+      global minimum.
     - Any other :class:`~declnet.layers.Penalty` subclass (a user's penalty; it must be
       even and non-decreasing in ``|z|``): Newton with backtracking from the mean (convex
       penalties) or from the mean and five quantiles, keeping the lowest objective.
