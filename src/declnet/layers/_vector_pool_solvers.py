@@ -192,8 +192,11 @@ def _scaled_alpha(alpha: Tensor, half: Tensor, size: int) -> tuple[Tensor, Tenso
     return a, a.clamp(0.0, 2 * math.sqrt(size) / torch.finfo(half.dtype).eps)
 
 
-def frame(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def frame(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Each set's scaled frame: ``z = (x − centre) / half`` with ``|z| ≤ 1``.
+
+    The centre and width are constants (the Jacobian of the answer does not depend on
+    them): they are computed without autograd, ``z`` with it where ``x`` requires grad.
 
     Args:
         x: ``(M, C, n)`` sets of points.
@@ -201,12 +204,13 @@ def frame(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     Returns:
         ``z (M, C, n)``, ``centre (M, C)`` (the middle of the bounding box), ``half (M, 1)``
-        (its largest half-width) and the scaled, clamped ``α`` ``(M, 1)``
+        (its largest half-width) and the scaled ``α`` ``(M, 1)``, as it is and clamped
         (:func:`_scaled_alpha`).
     """
-    centre, half = _box(x)
+    with torch.no_grad():
+        centre, half = _box(x)
     z = torch.sub(x, centre.unsqueeze(-1)).div_(half.unsqueeze(-1))
-    return z, centre, half, _scaled_alpha(alpha, half, x.shape[1])[1]
+    return (z, centre, half, *_scaled_alpha(alpha, half, x.shape[1]))
 
 
 def _kernels_for(pen: Penalty, z: Tensor, fused: bool) -> dict[str, object]:
@@ -320,7 +324,7 @@ def solve(pen: Penalty, x: Tensor, alpha: Tensor) -> Tensor:
     """
     if not has_kernels(pen):
         return solve_generic(pen, x.transpose(1, 2).contiguous(), alpha)
-    z, _, half, a = frame(x, alpha)
+    z, _, half, _, a = frame(x, alpha)
     run = _kernels_for(pen, z, fused=True)
     starts = [z.mean(-1)]
     if not pen.is_convex:
@@ -368,11 +372,8 @@ def backward(
     and width are constants, on which the Jacobian does not depend); otherwise the fused
     ones. ``y`` must be the pooling output.
     """
-    with torch.no_grad():
-        centre, half = _box(x)
-    z = (x - centre.unsqueeze(-1)) / half.unsqueeze(-1)
+    z, centre, half, a_true, a = frame(x, alpha)
     yt = (y - centre) / half
-    a_true, a = _scaled_alpha(alpha, half, x.shape[1])
     run = _kernels_for(pen, z, fused=not differentiable)
     wsum, _, outer, hd = run["curvature"](z, yt, a)  # type: ignore[operator]
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
