@@ -181,9 +181,20 @@ class Transport(declnet.EqualityConstrainedNode):
 
 class SparseTransport(Transport):
     """:class:`Transport` that also declares its marginals' Jacobian as a sparse COO tensor
-    (two entries per column of the plan)."""
+    (two entries per column of the plan). The marginals are linear, so the tensor is built
+    once per shape and returned again (as a user would)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._jacobians: dict[tuple, torch.Tensor] = {}
 
     def constraint_jacobian(self, M, r, c, *, y):
+        key = (tuple(y.shape), y.dtype, y.device)
+        if key not in self._jacobians:
+            self._jacobians[key] = self._marginals_jacobian(y)
+        return self._jacobians[key]
+
+    def _marginals_jacobian(self, y):
         B, n, k = y.shape
         ii, ll = torch.meshgrid(torch.arange(n, device=y.device),
                                 torch.arange(k, device=y.device), indexing="ij")

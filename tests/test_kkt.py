@@ -201,6 +201,22 @@ def test_transport_with_a_sparse_constraint_jacobian(n, all_marginals):
     torch.testing.assert_close(g, expected, atol=1e-9 * expected.abs().max().item(), rtol=1e-6)
 
 
+def test_sparse_constraint_jacobian_pattern_serves_later_calls():
+    """The second backward of a node reuses the index arithmetic of the first (the same
+    pattern, other values of M and another batch size after it): each equals the closed
+    form."""
+    gamma = 10.0
+    node = _SparsePlan(gamma, declare_hessian=True, give_multipliers=True)
+    for B, seed in ((2, 4), (2, 5), (3, 6)):
+        M, r, c = transport_inputs(B=B, n=60, k=61, seed=seed)
+        P = node.solve(M, r, c).y
+        v = rand(*P.shape, seed=seed + 10)
+        g = grad_of(node, [M, r, c], v)
+        expected = transport_vjp_closed_form(P, v, gamma)
+        torch.testing.assert_close(g, expected, atol=1e-9 * expected.abs().max().item(),
+                                   rtol=1e-6)
+
+
 def test_sparse_constraint_jacobian_must_be_coo_in_all_dimensions():
     M, r, c = transport_inputs(B=1, n=3, k=4)
     node = _SparsePlan(10.0, give_multipliers=True)

@@ -59,38 +59,45 @@ def _kkt_matrix(H: Tensor, A: Tensor, dvec: Tensor) -> Tensor:
     return torch.cat([top, bottom], 1)
 
 
+def _sq(x: Tensor) -> Tensor:
+    """``‖x_b‖²`` per sample of a ``(B, ...)`` tensor (no temporary as large as ``x``)."""
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim()))).square()
+
+
 def _kkt_residual_ok(Hs: Tensor, As: Tensor, dvec: Tensor, w: Tensor, rhs: Tensor,
                      s: Tensor) -> Tensor:
     """The scaled residual test of :func:`~declnet._linalg.residual_ok` for the KKT system
-    ``[[H, Aᵀ], [A, D]] w = rhs``, by blocks (the KKT matrix is not formed).
+    ``[[H, Aᵀ], [A, D]] w = rhs`` with ``rhs = [v; 0]`` (the backward's), by blocks (the
+    KKT matrix is not formed).
 
     ``s`` ``(B, m)`` scales the ``y`` rows (the Cholesky scaling of ``H``), ``Hs`` is
     ``diag(s) H diag(s)`` and ``As`` is ``A diag(s)``; each constraint row gets
-    ``t_i = 1 / max_j |A_ij s_j|`` (a power of two), so the test is invariant to the scale
-    of the variables and of the constraints. In scaled variables ``u = [w₁/s; w₂/t]`` the
-    residual is ``[s (H w₁ + Aᵀ w₂ − v); t (A w₁ + D w₂ − z)]``.
+    ``t_i = 1 / max_j |A_ij s_j|`` (a power of two; 1 for a zero row), so the test is
+    invariant to the scale of the variables and of the constraints. In scaled variables
+    ``u = [w₁/s; w₂/t]`` the residual is ``[s (H w₁ + Aᵀ w₂ − v); t (A w₁ + D w₂)]``.
     """
     m = Hs.shape[-1]
     rows = As.abs().amax(-1)
-    t = torch.exp2(torch.round(-torch.log2(torch.where(rows > 0, rows, 1.0) + dvec)))
-    s3, t3 = s.unsqueeze(-1), t.unsqueeze(-1)
+    t = torch.exp2(torch.round(torch.log2(rows + (rows == 0)).neg_())).unsqueeze(-1)
+    s3 = s.unsqueeze(-1)
     w1, w2 = w[:, :m], w[:, m:]
     u1 = w1 / s3
-    b1, b2 = s3 * rhs[:, :m], t3 * rhs[:, m:]
-    shared = _shared(Hs)
-    hu = (u1.transpose(1, 2) @ Hs[0].transpose(0, 1)).transpose(1, 2) if shared else Hs @ u1
-    top = torch.baddbmm(hu, As.transpose(1, 2), w2) - b1
-    bottom = torch.baddbmm((dvec * t).unsqueeze(-1) * w2, As, u1).mul_(t3) - b2
-
-    def sq(x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim()))).square()
-
-    hnorm = sq(Hs[:1]).expand(Hs.shape[0]) if shared else sq(Hs)
-    knorm = (hnorm + 2.0 * sq(As * t3) + sq(dvec * t * t)).sqrt()
-    unorm = (sq(u1) + sq(w2 / t3)).sqrt()
-    res = (sq(top) + sq(bottom)).sqrt()
+    b1 = s3 * rhs[:, :m]
+    if _shared(Hs):  # one matrix for the batch: one product, one norm
+        hu = (u1.transpose(1, 2) @ Hs[0].transpose(0, 1)).transpose(1, 2)
+        hnorm = _sq(Hs[:1])
+    else:
+        hu = Hs @ u1
+        hnorm = _sq(Hs)
+    At = As * t
+    dt = dvec.unsqueeze(-1) * t
+    top = torch.baddbmm(hu - b1, As.transpose(1, 2), w2)
+    bottom = torch.baddbmm(dt * w2, At, u1)
+    res = (_sq(top) + _sq(bottom)).sqrt()
+    knorm = (hnorm + 2.0 * _sq(At) + _sq(dt * t)).sqrt()
+    unorm = (_sq(u1) + _sq(w2 / t)).sqrt()
     tol = torch.finfo(Hs.dtype).eps ** 0.5
-    return torch.isfinite(res) & (res <= tol * (knorm * unorm + (sq(b1) + sq(b2)).sqrt()))
+    return torch.isfinite(res) & (res <= tol * (knorm * unorm + _sq(b1).sqrt()))
 
 
 def _replace(x: Tensor, mask: Tensor, values: Tensor) -> Tensor:
@@ -215,7 +222,8 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
     S = None
     if prob.sparse_A and inv_diag is not None:
         S = prob.sparse_schur(inv_diag)  # from the declared sparse A: O(nnz) work
-        S = None if S is None else S.to(cd)
+        if S is not None:
+            return _schur_sparse(prob, hsolve, S.to(cd), hv, z)
     if S is None:
         eye = _eye(c, hv).to(prob.dtype)
         cols = []
@@ -234,6 +242,24 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
     ahv = prob.constraint_jvp(hv.permute(2, 0, 1).to(prob.dtype)).permute(1, 2, 0).to(cd)
     w2 = sf.solve(ahv - z)  # (B, c, K)
     atw = prob.constraint_vjp(w2.permute(2, 0, 1).to(prob.dtype)).permute(1, 2, 0).to(cd)
+    w1 = hv - hsolve(atw)
+    w = torch.cat([w1, w2], 1)
+    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    return w, ok, S
+
+
+def _schur_sparse(prob: Problem, hsolve, S: Tensor, hv: Tensor, z: Tensor,
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_schur_matrix_free` for a declared sparse ``A`` and diagonal ``H``, given
+    ``hsolve = H⁻¹ ·``, ``S = A H⁻¹ Aᵀ`` ``(B, c, c)`` and ``hv = H⁻¹ v`` ``(B, m, K)``:
+    two sparse products.
+    ``S`` is symmetric by construction up to rounding (Cholesky reads one triangle)."""
+    dt = prob.dtype
+    S = S + torch.diag_embed(prob.inactive_diagonal.to(S.dtype))
+    sf = _linalg.cholesky_factor(S, _tol(prob))
+    ahv = prob.sparse_product(hv.to(dt)).to(S.dtype)
+    w2 = sf.solve(ahv - z)  # (B, c, K)
+    atw = prob.sparse_product(w2.to(dt), transpose=True).to(hv.dtype)
     w1 = hv - hsolve(atw)
     w = torch.cat([w1, w2], 1)
     ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)

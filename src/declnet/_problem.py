@@ -19,6 +19,7 @@ from torch import Tensor
 from . import _linalg
 from ._diagnostics import OptimalityResidual, check_batched, node_name
 from ._operators import LinearOperator, as_operator
+from ._sparse_jacobian import SparsePattern, pattern_of
 
 __all__ = ["Problem"]
 
@@ -125,8 +126,7 @@ class Problem:
         # A = D_Y h̃ is formed on first use: the matrix-free Schur path never needs it.
         self._A_full: Tensor | None = None
         self._A_sparse: Tensor | None = None  # a declared sparse A (coalesced COO)
-        self._sparse_index: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        self._same_column: tuple[Tensor, Tensor, Tensor] | None = None
+        self._sparse_pattern: SparsePattern | None = None
         if self.linear:
             self._A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
         else:
@@ -291,74 +291,25 @@ class Problem:
         """Whether the node declared a sparse ``A`` (and it is not formed densely)."""
         return self._A_sparse is not None and self._A_full is None
 
-    def _sparse_entries(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(row, col, i, at, a)`` of the declared sparse ``A``: each entry's flat index
-        into ``(B·c)`` and ``(B·m)``, its constraint row, the flat index of its row of a
-        ``(B, c, c)`` matrix, and the values (those of unused rows 0)."""
-        if self._sparse_index is None:
-            b, i, j = self._A_sparse._indices()
-            self._sparse_index = (b * self.c + i, b * self.m + j, i, (b * self.c + i) * self.c)
-        row, col, i, at = self._sparse_index
+    @property
+    def sparse_pattern(self) -> SparsePattern:
+        """The index arithmetic of the declared sparse ``A`` (reused across calls)."""
+        if self._sparse_pattern is None:
+            self._sparse_pattern = pattern_of(self.node, self._A_sparse)
+        return self._sparse_pattern
+
+    def _sparse_values(self) -> Tensor:
+        """The declared sparse ``A``'s entries ``(nnz,)``, those of unused rows 0."""
         a = self._A_sparse._values()
         if not self.all_used:
-            a = a * self.used.reshape(-1)[row].to(a.dtype)
-        return row, col, i, at, a
+            a = a * self.used.reshape(-1)[self.sparse_pattern.row].to(a.dtype)
+        return a
 
-    def sparse_schur(self, d: Tensor, max_per_column: int = 16) -> Tensor | None:
-        """``S = A diag(d)⁻¹ Aᵀ`` ``(B, c, c)`` from a declared sparse ``A``, in
-        ``O(nnz · k)`` with ``k`` the most entries in one column of ``A`` (two for a
-        transport plan's marginals), instead of ``O(c m)``. ``d`` ``(B, m)``. None when a
-        column holds more than ``max_per_column`` entries (then S is formed otherwise)."""
-        _, col, local, at, a = self._sparse_entries()
-        B, c = self.batch, self.c
-        if self._same_column is None:
-            pairs = self._column_pairs(col, max_per_column)
-            if pairs is None:
-                return None
-            self._same_column = pairs
-        first, second, valid = self._same_column
-        scaled = a / d.to(a.dtype).reshape(-1).index_select(0, col)
-        S = torch.zeros(B * c * c, dtype=a.dtype, device=a.device)
-        S.index_add_(0, at + local, scaled * a)  # each entry with itself: the diagonal
-        if first.numel():  # two entries of one column: an off-diagonal term
-            term = scaled.index_select(0, first) * a.index_select(0, second)
-            S.index_add_(0, at.index_select(0, first) + local.index_select(0, second),
-                         torch.where(valid, term, 0.0))
-        return S.view(B, c, c)
-
-    @staticmethod
-    def _column_pairs(col: Tensor, most: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Ordered pairs ``(e₁, e₂)``, ``e₁ ≠ e₂``, of entries in the same column (``col``:
-        each entry's column) as ``(first, second, valid)``: pairs where ``valid`` is False
-        are padding. None when a column holds more than ``most`` entries. No sort: slot
-        ``t`` of every column is its ``t``-th smallest entry index, found by a minimum."""
-        n = col.numel()
-        size = int(col.max()) + 1 if n else 0
-        index = torch.arange(n, device=col.device)
-        free = index
-        slots = []
-        while True:
-            slot = torch.full((size,), n, dtype=torch.long, device=col.device)
-            slot.scatter_reduce_(0, col, free, "amin")
-            if not bool((slot < n).any()):
-                break
-            if len(slots) == most:
-                return None
-            slots.append(slot)
-            claimed = slot.index_select(0, col) == index
-            free = torch.where(claimed, n, free)
-        firsts, seconds = [], []
-        for s_, first in enumerate(slots):
-            for t, second in enumerate(slots):
-                if s_ != t:
-                    firsts.append(first)
-                    seconds.append(second)
-        if not firsts:
-            empty = col.new_zeros(0)
-            return empty, empty, empty.bool()
-        first, second = torch.cat(firsts), torch.cat(seconds)
-        valid = (first < n) & (second < n)
-        return first.clamp(max=n - 1), second.clamp(max=n - 1), valid
+    def sparse_schur(self, d: Tensor) -> Tensor | None:
+        """``S = A diag(d)⁻¹ Aᵀ`` ``(B, c, c)`` from a declared sparse ``A`` in
+        ``O(nnz · k)`` (``k``: the most entries in one column of ``A``), ``d`` ``(B, m)``;
+        None when a column holds too many entries (then S is formed otherwise)."""
+        return self.sparse_pattern.schur(self._sparse_values(), d)
 
     @property
     def A_formed(self) -> bool:
@@ -493,14 +444,14 @@ class Problem:
             return None
         return torch.zeros_like(columns) if rows is None else rows
 
+    def sparse_product(self, X: Tensor, transpose: bool = False) -> Tensor:
+        """``A X`` (``X`` ``(B, m, K)`` -> ``(B, c, K)``) or, with ``transpose``, ``Aᵀ X``
+        (``(B, c, K)`` -> ``(B, m, K)``) with the declared sparse ``A``: ``O(K nnz)``."""
+        return self.sparse_pattern.product(self._sparse_values(), X, transpose)
+
     def _sparse_product(self, X: Tensor, transpose: bool) -> Tensor:
-        """``A xₖ`` (``X`` ``(K, B, m)`` -> ``(K, B, c)``) or, with ``transpose``, ``Aᵀ xₖ``
-        (``(K, B, c)`` -> ``(K, B, m)``) with the declared sparse ``A``: ``O(K nnz)``."""
-        row, col, _, _, a = self._sparse_entries()
-        src, dst, size = (row, col, self.m) if transpose else (col, row, self.c)
-        out = X.new_zeros(X.shape[0], self.batch * size)
-        out.index_add_(1, dst, X.reshape(X.shape[0], -1).index_select(1, src) * a.to(X.dtype))
-        return out.view(X.shape[0], self.batch, size)
+        """:meth:`sparse_product` for ``K`` directions first: ``(K, B, ·)``."""
+        return self.sparse_product(X.permute(1, 2, 0), transpose).permute(2, 0, 1)
 
     def constraint_jvp(self, Z: Tensor) -> Tensor:
         """``A zₖ`` for ``K`` directions ``Z`` ``(K, B, m)`` -> ``(K, B, c)`` (used rows only).

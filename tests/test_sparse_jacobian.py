@@ -1,0 +1,74 @@
+"""A declared sparse constraint Jacobian: products, the Schur complement, and the reuse of
+its index arithmetic across calls (never stale)."""
+
+import torch
+
+from declnet import _sparse_jacobian as sj
+
+
+def _random_sparse(B, c, m, nnz, seed, repeats=0):
+    """A sparse COO ``(B, c, m)`` with ``nnz`` random entries per sample, the first
+    ``repeats`` of them repeated (uncoalesced: they add up)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.arange(B).repeat_interleave(nnz)
+    i = torch.randint(0, c, (B * nnz,), generator=gen)
+    j = torch.randint(0, m, (B * nnz,), generator=gen)
+    index = torch.stack([b, i, j])
+    if repeats:
+        index = torch.cat([index, index[:, :repeats]], 1)
+    values = torch.randn(index.shape[1], generator=gen, dtype=torch.float64)
+    return torch.sparse_coo_tensor(index, values, (B, c, m), check_invariants=True)
+
+
+def test_products_and_schur_equal_the_dense_ones():
+    B, c, m = 3, 7, 40
+    A = _random_sparse(B, c, m, nnz=60, seed=0, repeats=9)
+    dense = A.to_dense()
+    pattern = sj.SparsePattern(A._indices(), (B, c, m))
+    values = A._values()
+    gen = torch.Generator().manual_seed(1)
+    d = torch.rand(B, m, generator=gen, dtype=torch.float64) + 0.1
+    expected = dense @ (dense / d.unsqueeze(1)).transpose(1, 2)
+    torch.testing.assert_close(pattern.schur(values, d), expected, rtol=1e-12, atol=1e-12)
+    for K in (1, 3):
+        X = torch.randn(B, m, K, generator=gen, dtype=torch.float64)
+        W = torch.randn(B, c, K, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(pattern.product(values, X, False), dense @ X)
+        torch.testing.assert_close(pattern.product(values, W, True),
+                                   dense.transpose(1, 2) @ W)
+
+
+def test_schur_declines_columns_with_many_entries():
+    """More than MAX_PER_COLUMN entries in one column: no pair assembly (None)."""
+    B, c, m = 1, sj.MAX_PER_COLUMN + 2, 3
+    i = torch.arange(c)
+    index = torch.stack([torch.zeros_like(i), i, torch.zeros_like(i)])
+    A = torch.sparse_coo_tensor(index, torch.ones(c, dtype=torch.float64), (B, c, m),
+                                check_invariants=True)
+    pattern = sj.SparsePattern(A._indices(), (B, c, m))
+    assert pattern.schur(A._values(), torch.ones(B, m, dtype=torch.float64)) is None
+
+
+def test_pattern_is_reused_only_while_the_entries_stay_where_they_were():
+    class Node:  # any object that can be weakly referenced
+        pass
+
+    node = Node()
+    B, c, m = 2, 5, 30
+    A = _random_sparse(B, c, m, nnz=20, seed=2)
+    first = sj.pattern_of(node, A)
+    assert sj.pattern_of(node, A) is first  # the same tensor again
+    same = torch.sparse_coo_tensor(A._indices().clone(), A._values() * 2, A.shape,
+                                   check_invariants=True)
+    assert sj.pattern_of(node, same) is first  # equal indices, other values
+    moved = _random_sparse(B, c, m, nnz=20, seed=3)
+    second = sj.pattern_of(node, moved)
+    assert second is not first
+    # Indices refilled in place by the node: a new pattern, and the right products.
+    index = moved._indices()
+    index[2] = (index[2] + 1) % m
+    third = sj.pattern_of(node, moved)
+    assert third is not second
+    X = torch.randn(B, m, 1, dtype=torch.float64)
+    torch.testing.assert_close(third.product(moved._values(), X, False), moved.to_dense() @ X)
+    assert sj.pattern_of(Node(), moved) is not third  # one pattern per node
