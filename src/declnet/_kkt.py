@@ -244,7 +244,7 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
     atw = prob.constraint_vjp(w2.permute(2, 0, 1).to(prob.dtype)).permute(1, 2, 0).to(cd)
     w1 = hv - hsolve(atw)
     w = torch.cat([w1, w2], 1)
-    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    ok = sf.ok & _linalg.finite_samples(w)
     return w, ok, S
 
 
@@ -262,7 +262,7 @@ def _schur_sparse(prob: Problem, hsolve, S: Tensor, hv: Tensor, z: Tensor,
     atw = prob.sparse_product(w2.to(dt), transpose=True).to(hv.dtype)
     w1 = hv - hsolve(atw)
     w = torch.cat([w1, w2], 1)
-    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    ok = sf.ok & _linalg.finite_samples(w)
     return w, ok, S
 
 
@@ -299,7 +299,7 @@ def _schur_finish(A: Tensor, dvec: Tensor, S: Tensor, hv: Tensor, hat: Tensor, z
     w2 = sf.solve(A @ hv - z)
     w1 = hv - hat @ w2
     w = torch.cat([w1, w2], 1)
-    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    ok = sf.ok & _linalg.finite_samples(w)
     return w, ok, S
 
 
@@ -339,7 +339,7 @@ def _schur_cholesky(hf: _linalg.Factor, As: Tensor, dvec: Tensor, rhs: Tensor,
     r = torch.baddbmm(U, w2.transpose(1, 2), Xa, alpha=-1)  # (u − Y w₂)ᵀ
     w1 = s.unsqueeze(-1) * _rows_over(L, r, upper=False).transpose(1, 2)
     w = torch.cat([w1, w2], 1)
-    ok = sf.ok & torch.isfinite(w).flatten(1).all(-1)
+    ok = sf.ok & _linalg.finite_samples(w)
     return w, ok, S
 
 
@@ -362,9 +362,14 @@ def _augmented_cholesky(H: Tensor, A: Tensor, tol: float) -> tuple[_linalg.Facto
     norms = As.square().sum(-1)
     positive = norms > 0  # (the inner where keeps the double backward finite)
     rho = torch.where(positive, torch.where(positive, norms, 1.0).reciprocal(), 0.0)
-    # Not symmetrised: Cholesky reads the lower triangle only.
-    scaled = torch.baddbmm(s.unsqueeze(-1) * H * s.unsqueeze(-2), As.transpose(1, 2),
-                           rho.unsqueeze(-1) * As)
+    # Not symmetrised: Cholesky reads the lower triangle only. Without a graph to keep
+    # (not a double backward), one (B, m, m) temporary updated in place.
+    if torch.is_grad_enabled() and (H.requires_grad or A.requires_grad):
+        scaled = torch.baddbmm(s.unsqueeze(-1) * H * s.unsqueeze(-2), As.transpose(1, 2),
+                               rho.unsqueeze(-1) * As)
+    else:
+        scaled = (s.unsqueeze(-1) * H).mul_(s.unsqueeze(-2)).baddbmm_(
+            As.transpose(1, 2), rho.unsqueeze(-1) * As)
     return _linalg.cholesky_of_scaled(scaled, s, tol), As
 
 
@@ -492,7 +497,7 @@ def _solve_structured(prob: Problem, op: LinearOperator, rhs: Tensor,
 
     if prob.c == 0:
         w = hsolve(rhs)
-        bad = ~torch.isfinite(w).flatten(1).all(-1)
+        bad = ~_linalg.finite_samples(w)
         if bool(bad.any()):
             raise ValueError(
                 f"{type(prob.node).__name__}: the declared Hessian's solve returned NaN or Inf "

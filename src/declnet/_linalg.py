@@ -15,6 +15,7 @@ are unaffected).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
     "conjugate_gradient",
     "default_rcond",
     "equilibrate",
+    "finite_samples",
     "lu_factor",
     "minres",
     "residual_ok",
@@ -112,6 +114,24 @@ def equilibrate(matrix: Tensor, iterations: int = 6) -> Tensor:
     return s
 
 
+def finite_samples(x: Tensor) -> Tensor:
+    """``(B,)`` True where every entry of sample ``x[b]`` is finite (``x`` ``(B, ...)``).
+
+    ``max |x| < inf`` (NaN compares False): three small kernels, where ``isfinite`` and a
+    reduction over a boolean tensor cost several times more on CPU.
+    """
+    if x.shape[0] == 0 or x[0].numel() == 0:
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return x.abs().amax(dim=tuple(range(1, x.dim()))) < math.inf
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, for ``x`` whose entries are bounded well
+    below the overflow threshold when finite (logarithms): their sum is then finite
+    exactly when all are; one reduction and one synchronisation."""
+    return math.isfinite(float(x.sum()))
+
+
 def _jacobi_scale(matrix: Tensor) -> Tensor:
     """Scaling for a (hoped) positive definite matrix: ``1/sqrt(diag)`` rounded to powers of
     two, near-optimal for SPD matrices (van der Sluis) and one pass; Ruiz's iteration
@@ -120,7 +140,7 @@ def _jacobi_scale(matrix: Tensor) -> Tensor:
     if d.is_complex():
         d = d.real
     log_d = torch.log2(d)  # NaN or ±inf where an entry is not positive and finite
-    if not bool(torch.isfinite(log_d).all()):
+    if not _all_finite(log_d):  # (finite ones are within ±1100: no overflow in the sum)
         return equilibrate(matrix)
     return torch.exp2(torch.round(-0.5 * log_d))
 
@@ -186,6 +206,12 @@ def cholesky_factor(matrix: Tensor, tol: float, scale: Tensor | None = None) -> 
         A :class:`Factor`; ``ok`` False where the matrix is not (numerically) positive
         definite after scaling.
     """
+    if matrix.shape[-1] == 1 and scale is None:  # one row (a single constraint's Schur
+        # complement): its own scale, no scaling and no LAPACK call
+        d = matrix[..., 0, 0]
+        ok = (d > 0) & (d < math.inf)
+        factor = torch.where(ok, d, 1.0).sqrt()[..., None, None]
+        return Factor("cholesky", (factor,), torch.ones_like(d).unsqueeze(-1), ok, matrix)
     s = _jacobi_scale(matrix) if scale is None else scale
     return cholesky_of_scaled(s.unsqueeze(-1) * matrix * s.unsqueeze(-2), s, tol)
 
@@ -224,7 +250,7 @@ def solve_cholesky(matrix: Tensor, rhs: Tensor, tol: float) -> tuple[Tensor, Ten
     """Solve SPD systems ``matrix @ x = rhs`` (equilibrated Cholesky); ``(x, ok)``."""
     f = cholesky_factor(matrix, tol)
     x = f.solve(rhs)
-    return x, f.ok & torch.isfinite(x).flatten(1).all(-1)
+    return x, f.ok & finite_samples(x)
 
 
 def solve_lu(matrix: Tensor, rhs: Tensor, tol: float,
@@ -236,7 +262,7 @@ def solve_lu(matrix: Tensor, rhs: Tensor, tol: float,
     """
     f = lu_factor(matrix, tol, scale)
     x = f.solve(rhs)
-    return x, f.ok & torch.isfinite(x).flatten(1).all(-1)
+    return x, f.ok & finite_samples(x)
 
 
 def solve_symmetric_pinv(
