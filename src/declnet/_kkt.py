@@ -221,9 +221,9 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
                            prob.options.memory_budget // max(1, 4 * B * m * itemsize))))
     S = None
     if prob.sparse_A and inv_diag is not None:
-        S = prob.sparse_schur(inv_diag)  # from the declared sparse A: O(nnz) work
+        S = prob.sparse_schur(inv_diag.to(cd))  # from the declared sparse A: O(nnz) work
         if S is not None:
-            return _schur_sparse(prob, hsolve, S.to(cd), hv, z)
+            return _schur_sparse(prob, hsolve, S, hv, z)
     if S is None:
         eye = _eye(c, hv).to(prob.dtype)
         cols = []
@@ -252,15 +252,12 @@ def _schur_sparse(prob: Problem, hsolve, S: Tensor, hv: Tensor, z: Tensor,
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_schur_matrix_free` for a declared sparse ``A`` and diagonal ``H``, given
     ``hsolve = H⁻¹ ·``, ``S = A H⁻¹ Aᵀ`` ``(B, c, c)`` and ``hv = H⁻¹ v`` ``(B, m, K)``:
-    two sparse products.
-    ``S`` is symmetric by construction up to rounding (Cholesky reads one triangle)."""
-    dt = prob.dtype
+    two sparse products, in the compute dtype. ``S`` is symmetric by construction up to
+    rounding (Cholesky reads one triangle)."""
     S = S + torch.diag_embed(prob.inactive_diagonal.to(S.dtype))
     sf = _linalg.cholesky_factor(S, _tol(prob))
-    ahv = prob.sparse_product(hv.to(dt)).to(S.dtype)
-    w2 = sf.solve(ahv - z)  # (B, c, K)
-    atw = prob.sparse_product(w2.to(dt), transpose=True).to(hv.dtype)
-    w1 = hv - hsolve(atw)
+    w2 = sf.solve(prob.sparse_product(hv) - z)  # (B, c, K); products in hv's precision
+    w1 = hv - hsolve(prob.sparse_product(w2, transpose=True))
     w = torch.cat([w1, w2], 1)
     ok = sf.ok & _linalg.finite_samples(w)
     return w, ok, S

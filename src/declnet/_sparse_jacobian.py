@@ -81,6 +81,7 @@ class SparsePattern:
             return None
         B, c, _ = self.shape
         first, second, dest = self.pairs
+        values = values.to(torch.promote_types(values.dtype, d.dtype))  # sums in d's precision
         scaled = values / d.to(values.dtype).reshape(-1).index_select(0, self.col)
         terms = scaled.index_select(0, first) * values.index_select(0, second)
         return values.new_zeros(B * c * c).scatter_add_(0, dest, terms).view(B, c, c)
