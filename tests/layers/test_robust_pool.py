@@ -753,3 +753,37 @@ def test_histogram_counts_bins_overflow_and_nan(dtype):
         inside = (q >= k) & (q < k + 1)
         torch.testing.assert_close(counts[:, k + 1], inside.to(dtype).sum(-1))
     assert (counts.sum(-1) == 200).all()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.75, 1.0])
+def test_truncated_pruned_with_tied_events_equals_brute_force(alpha):
+    # Data on a grid of α/4 (or finer): exits (x_i + 2α) and entries (x_j) tie exactly, and
+    # feasible intervals end on data points; the merge (an entry first on a tie) and the
+    # bands cut inside the end bins must keep the global minimum.
+    module = sys.modules["declnet.layers._pool_solvers"]
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randint(-8, 9, (60, 64), generator=gen).to(F64) / 8
+    a = torch.tensor(alpha, dtype=F64)
+    ok, pruned = module._truncated_pruned(x, module._sorted_rows(x), a, x)
+    assert bool(ok.float().mean() > 0.5)
+    f_star, _ = brute_force_truncated(x, alpha)
+    pen = TruncatedQuadratic(alpha)
+    f_p = objective(pen, x[ok], pruned[0][ok]).squeeze(-1)
+    torch.testing.assert_close(f_p, f_star[ok], rtol=0, atol=1e-12)
+    y = robust_pool(x, pen)
+    f_y = objective(pen, x, y.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(f_y, f_star, rtol=0, atol=1e-12)
+
+
+def test_truncated_wide_bands_enumerated_apart_give_the_same_windows(monkeypatch):
+    # Rows whose bands are wider than _PRUNE_WIDE times the mean are enumerated in a second
+    # call with their own width; every split gives the same windows.
+    module = sys.modules["declnet.layers._pool_solvers"]
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(96, 256, generator=gen, dtype=F64)
+    x[::7] *= 0.3  # denser rows: wider bands
+    pen = TruncatedQuadratic(1.0)
+    y = robust_pool(x, pen)
+    for wide in (0.25, 1.0, 100.0):
+        monkeypatch.setattr(module, "_PRUNE_WIDE", wide)
+        torch.testing.assert_close(robust_pool(x, pen), y, rtol=0, atol=0)

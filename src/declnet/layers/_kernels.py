@@ -336,15 +336,239 @@ def truncated_objective(x: Tensor, u: Tensor, a: Tensor) -> Tensor:
     return torch.clamp_max(t * t, 1.0).sum(-1, keepdim=True, dtype=torch.float64)
 
 
-def truncated_range_sums(
-    s: Tensor, begin: Tensor, end: Tensor, ref: Tensor, a: Tensor
+def truncated_bin_bounds(
+    cnt: Tensor, s1: Tensor, s2: Tensor, k_bins: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Lower bounds of ``Σ_i min(t_i², 1)`` on every regular bin of a :func:`truncated_histogram`
+    with ``k_bins`` bins per α.
+
+    For bin ``kb`` (``u = origin + h v``, ``v ∈ [kb, kb + 1]``): the points at most ``K − 1``
+    bins away are inliers (their exact quadratic, in units of ``h²``: ``b0 v² − 2 b1 v + b2``),
+    those ``K`` bins away are bounded below by a chord linear in ``v``, farther ones cost 1
+    (see ``_truncated_pruned``). The bound is the convex quadratic
+    ``(b0 v² − 2 vb v) / K² + const`` in ``v``. Returns, each ``(M, nb)`` in float64, its
+    minimum over the bin, ``b0`` and ``vb``, and the minimiser ``v`` of the smallest one
+    ``(M, 1)``.
+    """
+    f64 = torch.float64
+    k = k_bins
+    nb = cnt.shape[-1] - 2
+    c = cnt.to(f64)
+    creg, l1, l2 = c[:, 1 : nb + 1], s1[:, 1 : nb + 1].to(f64), s2[:, 1 : nb + 1].to(f64)
+    mid = torch.arange(nb, device=cnt.device, dtype=f64) + 0.5
+    # Per bin: count, Σ (k + ½ + l) and Σ (k + ½ + l)²; the sums over the window of bins
+    # kb − K + 1 … kb + K − 1 (clipped to the regular bins) are differences of their
+    # inclusive cumsum C: C[min(kb + K − 1, nb − 1)] − C[kb − K] (0 for kb < K).
+    w1 = torch.addcmul(l1, creg, mid)
+    w2 = torch.addcmul(l2, torch.addcmul(l1 * 2, creg, mid), mid)
+    cum = torch.stack([creg, w1, w2], 1).cumsum(-1)
+    last = cum[:, :, nb - 1 :].expand(-1, -1, k - 1)
+    zeros = torch.zeros((1, 1, 1), dtype=f64, device=cnt.device).expand(cum.shape[0], 3, k)
+    b = torch.cat([cum[:, :, k - 1 :], last], -1) - torch.cat([zeros, cum[:, :, : nb - k]], -1)
+    b0, b1, b2 = b[:, 0], b[:, 1], b[:, 2]
+    # Bins kb + K and kb − K (empty beyond the regular bins).
+    none = zeros[:, 0]
+    up_c, up_l = torch.cat([creg[:, k:], none], -1), torch.cat([l1[:, k:], none], -1)
+    dn_c, dn_l = torch.cat([none, creg[:, : nb - k]], -1), torch.cat([none, l1[:, : nb - k]], -1)
+    up_slope = (up_c - 2 * up_l) / k  # the bound of the upper points is up_c − up_slope w
+    dn_slope = (dn_c + 2 * dn_l) / k  # that of the lower ones dn_c − dn_slope (1 − w)
+    kb = mid - 0.5
+    vb = b1 - (dn_slope - up_slope) * (k * k / 2)  # the vertex of b0 v² − 2 (b1 − lin) v
+    v = torch.where(b0 > 0, vb / b0.clamp_min(1), mid)
+    v = torch.minimum(torch.maximum(v, kb), kb + 1)
+    quad = (b0 * v * v - 2 * b1 * v + b2).clamp_min(0) / (k * k)
+    # Far points: the regular ones beyond K bins, and the overflow bins where they are
+    # beyond K bins (points below the regular bins are farther than α from u in bin kb ≥ K).
+    n_lo, n_hi = c[:, :1], c[:, nb + 1 :]
+    far = (creg.sum(-1, keepdim=True) - b0 - up_c - dn_c).addcmul(n_lo, (kb >= k).to(f64))
+    far = far.addcmul(n_hi, (kb <= nb - 1 - k).to(f64))
+    edge = up_c + dn_c - dn_slope + (dn_slope - up_slope) * (v - kb)
+    lower = quad + edge.clamp_min(0) + far
+    return lower, b0, vb, v.gather(1, lower.argmin(-1, keepdim=True))
+
+
+def _feasible_end(
+    lower: Tensor, b0: Tensor, vb: Tensor, f_up: Tensor, kb: Tensor, k_bins: int, first: bool
+) -> Tensor:
+    """The smallest (``first``) or largest ``v`` in bin ``kb`` (``(M, 1)``) where the bound
+    ``lower + A ((v − vert)² − (v* − vert)²)`` (``A = b0 / K²``, ``vert = vb / b0``, ``v*``
+    the bound's minimiser over the bin) is at most ``f_up``; the bin's end without points
+    near it (``b0 = 0``: the bound is not quadratic).
+
+    ``lower`` holds the clamps of :func:`truncated_bin_bounds`, which only act on rounding
+    errors (the quadratic is a sum of squares and every chord term is at least
+    ``1 − 2/K > 0``); the margin of ``f_up`` covers those."""
+    lo, b, c = lower.gather(1, kb), b0.gather(1, kb), vb.gather(1, kb)
+    kb_f = kb.to(lower.dtype)
+    quadratic = b > 0
+    vert = c / torch.where(quadratic, b, 1.0)
+    a_q = b / (k_bins * k_bins)
+    v_best = torch.minimum(torch.maximum(vert, kb_f), kb_f + 1)
+    at_vertex = lo - a_q * (v_best - vert) ** 2  # the quadratic's value at its vertex
+    half = ((f_up - at_vertex).clamp_min(0) / torch.where(quadratic, a_q, 1.0)).sqrt()
+    end = vert - half if first else vert + half
+    whole = kb_f if first else kb_f + 1
+    return torch.where(quadratic, torch.minimum(torch.maximum(end, kb_f), kb_f + 1), whole)
+
+
+def truncated_bands(
+    lower: Tensor,
+    b0: Tensor,
+    vb: Tensor,
+    f_up: Tensor,
+    cnt: Tensor,
+    s: Tensor,
+    origin: Tensor,
+    h: Tensor,
+    a: Tensor,
+    k_bins: int,
+    cap: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The interval ``U`` of ``u`` where the bounds of :func:`truncated_bin_bounds` allow
+    the minimum ``≤ f_up``, and the two bands of sorted points that may switch between inlier
+    and outlier for ``u`` in ``U``.
+
+    ``U`` is the hull of the feasible bins ``[kmin, kmax]``, cut inside the end bins where
+    their convex bound exceeds ``f_up``, and widened by ``h / 1024``. The lower band holds
+    the points of ``s`` in ``U − α``, the upper band those in ``U + α`` (each end moved out
+    by 8 units in the last place of ``s``'s dtype, so that rounding the ends to that dtype
+    keeps every such point); the points between the bands are inliers and those outside
+    them outliers for every ``u`` in ``U``.
+
+    Returns ``ok`` (bool: the bounds certify the row), the sorted indices ``start_l``,
+    ``end_l`` of the lower band and ``start_r`` of the upper one, both band sizes (int64),
+    each ``(M, 1)``; the points between the bands are those strictly between the two values
+    of ``(M, 2)`` (in ``s``'s dtype); the middle of ``U`` (float64, ``(M, 1)``).
+    """
+    f64 = torch.float64
+    k = k_bins
+    nb = lower.shape[-1]
+    feasible = lower <= f_up
+    kmin = feasible.to(torch.int8).argmax(-1, keepdim=True)
+    kmax = nb - 1 - feasible.flip(-1).to(torch.int8).argmax(-1, keepdim=True)
+    v_lo = _feasible_end(lower, b0, vb, f_up, kmin, k, True)
+    v_hi = _feasible_end(lower, b0, vb, f_up, kmax, k, False)
+    o64, h64, a64 = origin.to(f64), h.to(f64), a.to(f64)
+    u_lo = o64 + h64 * (v_lo - 1 / 1024)
+    u_hi = o64 + h64 * (v_hi + 1 / 1024)
+    ends = torch.cat([u_lo - a64, u_hi - a64, u_lo + a64, u_hi + a64], -1)
+    slack = ends.abs() * (8 * torch.finfo(s.dtype).eps)
+    ends = (ends + torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=f64, device=s.device) * slack)
+    ends = ends.to(s.dtype).contiguous()
+    first = torch.searchsorted(s, ends[:, 0::2].contiguous())  # #{s < lower end}
+    last = torch.searchsorted(s, ends[:, 1::2].contiguous(), right=True)  # #{s ≤ upper end}
+    start_l, start_r = first[:, :1], first[:, 1:]
+    end_l, end_r = last[:, :1], last[:, 1:]
+    n_l, n_r = end_l - start_l, end_r - start_r
+    # u outside the regular bins: points K bins in are farther than α from it.
+    left_out = cnt[:, k + 1 :].to(f64).sum(-1, keepdim=True)  # points in bins ≥ K
+    right_out = cnt[:, : nb - k + 1].to(f64).sum(-1, keepdim=True)  # points in bins < nb − K
+    ok = (
+        feasible.any(-1, keepdim=True)
+        & torch.isfinite(f_up)
+        & (kmin >= k + 1)
+        & (kmax <= nb - k - 2)
+        & (kmax - kmin < 2 * k - 2)
+        & (left_out > f_up)
+        & (right_out > f_up)
+        & (n_l <= cap)
+        & (n_r <= cap)
+        & (end_l <= start_r)
+    )
+    return ok, start_l, end_l, start_r, n_l, n_r, ends[:, 1:3], (u_lo + u_hi) / 2
+
+
+def _exclusive(prefix: Tensor, count: Tensor) -> Tensor:
+    """``Σ`` of the first ``count`` terms (``(M, c)``, ``0 ≤ count ≤ k``) from the inclusive
+    prefix sums ``prefix (M, k)``."""
+    at = prefix.gather(1, (count - 1).clamp_min(0))
+    return torch.where(count > 0, at, torch.zeros((), dtype=prefix.dtype, device=prefix.device))
+
+
+def _best_cost(
+    sum1: Tensor, sum2: Tensor, size: Tensor, valid: Tensor, n: int
 ) -> tuple[Tensor, Tensor]:
-    """Σ d and Σ d² over the columns ``begin ≤ j < end`` of ``d = (s − ref) / α``, in float64
-    (``ref`` and ``a`` float64); each ``(M, 1)``."""
-    col = torch.arange(s.shape[-1], device=s.device)
-    inside = (col >= begin) & (col < end)
-    d = torch.where(inside, (s.to(torch.float64) - ref) / a, 0.0)
-    return d.sum(-1, keepdim=True), (d * d).sum(-1, keepdim=True)
+    """The smallest window cost ``SSE + (n − size)`` (units of α²) of the valid candidates,
+    and its column (the first on a tie); each ``(M, 1)``."""
+    cost = (sum2 - sum1 * sum1 / size.clamp_min(1)).clamp_min(0) + (n - size)
+    return torch.where(valid & (size > 0), cost, math.inf).min(-1, keepdim=True)
+
+
+def truncated_core_sums(s: Tensor, core: Tensor, ref: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ d and Σ d² over the points of ``s`` strictly between the two values of
+    ``core (M, 2)``, with ``d = (s − ref) / α`` in float64 (``ref`` float64); each ``(M, 1)``.
+    (A comparison of values vectorises better than one of indices.)"""
+    a64 = a.to(torch.float64)
+    inside = (s > core[:, :1]) & (s < core[:, 1:])
+    d = torch.where(inside, s.to(torch.float64) - ref, 0.0)
+    return d.sum(-1, keepdim=True) / a64, (d * d).sum(-1, keepdim=True) / (a64 * a64)
+
+
+def truncated_band_windows(
+    low: Tensor,
+    up: Tensor,
+    n_l: Tensor,
+    n_r: Tensor,
+    n_c: Tensor,
+    c1: Tensor,
+    c2: Tensor,
+    ref: Tensor,
+    a: Tensor,
+    n: int,
+) -> tuple[Tensor, Tensor]:
+    """The best window ``core ∪ (a suffix of the lower band) ∪ (a prefix of the upper one)``
+    as the numbers of lower-band points left out and upper-band points taken; each ``(M, 1)``.
+
+    ``low (M, k_l)`` and ``up (M, k_r)`` are the sorted bands (``n_l``, ``n_r`` points, then
+    ``inf``), ``n_c`` the size of the core, ``c1``, ``c2`` its :func:`truncated_core_sums`,
+    ``n`` the row length. The candidates are those of the full enumeration inside the
+    bands: none switched yet, then after each exit of a lower-band point (at its value + 2α)
+    and each entry of an upper-band point, in the order of those events, an entry first on
+    a tie; the first of equal costs in that order wins. The costs are in units of α², from
+    sums of ``d = (s − ref) / α`` in float64.
+    """
+    f64 = torch.float64
+    k_l, k_r = low.shape[-1], up.shape[-1]
+    a64 = a.to(f64)
+    col_l = torch.arange(k_l, device=low.device)
+    col_r = torch.arange(k_r, device=low.device)
+    valid_l, valid_r = col_l < n_l, col_r < n_r
+    d_l = torch.where(valid_l, (low.to(f64) - ref) / a64, 0.0)
+    d_r = torch.where(valid_r, (up.to(f64) - ref) / a64, 0.0)
+    pl1, pl2 = d_l.cumsum(-1), (d_l * d_l).cumsum(-1)
+    pr1, pr2 = d_r.cumsum(-1), (d_r * d_r).cumsum(-1)
+    # Σ d and Σ d² over the core with the whole lower band (no exit yet).
+    c1 = c1 + pl1[:, -1:]
+    c2 = c2 + pl2[:, -1:]
+    # The merge of the exits (sorted, as the lower band) with the entries (sorted): an entry
+    # at a tie comes first, so #{exits before entry j} = #{i : exit_i < entry_j} and
+    # #{entries before exit i} = #{j : entry_j ≤ exit_i}.
+    exits = (low + 2 * a.to(low.dtype)).contiguous()
+    entries_before_exit = torch.searchsorted(up, exits, right=True)
+    exits_before_entry = torch.searchsorted(exits, up)
+    size0 = (n_c + n_l).to(f64)
+    f0, _ = _best_cost(c1, c2, size0, torch.ones_like(valid_l[:, :1]), n)
+    # After exit i (i + 1 exits, the entries before it) and after entry j (j + 1 entries).
+    f_e, i_e = _best_cost(
+        c1 - pl1 + _exclusive(pr1, entries_before_exit),
+        c2 - pl2 + _exclusive(pr2, entries_before_exit),
+        size0 - (col_l + 1) + entries_before_exit,
+        valid_l,
+        n,
+    )
+    f_r, j_r = _best_cost(
+        c1 - _exclusive(pl1, exits_before_entry) + pr1,
+        c2 - _exclusive(pl2, exits_before_entry) + pr2,
+        size0 - exits_before_entry + (col_r + 1),
+        valid_r,
+        n,
+    )
+    use_e = f_e < f0
+    use_r = f_r < torch.minimum(f0, f_e)
+    exits_done = torch.where(use_e, i_e + 1, 0)
+    entries_done = torch.where(use_e, entries_before_exit.gather(1, i_e), 0)
+    exits_done = torch.where(use_r, exits_before_entry.gather(1, j_r), exits_done)
+    return exits_done, torch.where(use_r, j_r + 1, entries_done)
 
 
 def huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
@@ -380,7 +604,10 @@ _EAGER: dict[str, Callable[..., object]] = {
         truncated_histogram,
         histogram_counts,
         truncated_objective,
-        truncated_range_sums,
+        truncated_bin_bounds,
+        truncated_bands,
+        truncated_core_sums,
+        truncated_band_windows,
     )
 }
 

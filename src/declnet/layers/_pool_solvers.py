@@ -549,44 +549,51 @@ _PRUNE_BINS_PER_ALPHA = 16
 _PRUNE_HALF_RANGE = 4
 _PRUNE_MIN_N = 64
 _PRUNE_MAX_BAND = 0.25
-_PRUNE_BLOCK = 1 << 18  # elements per block of rows of the pruned enumeration
+_PRUNE_BLOCK = 1 << 21  # elements per block of rows of the pruned enumeration
+_PRUNE_WIDE = 1.75  # bands wider than this many times the mean are enumerated apart
 
 
-def _solve_truncated(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _solve_truncated(
+    x: Tensor, a: Tensor, finite: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The truncated-quadratic solver: the pruned enumeration (:func:`_truncated_pruned`)
     where it certifies its answer, the full one (:func:`_solve_truncated_block`) elsewhere.
 
-    The full enumeration runs by blocks of rows: it makes about ten temporaries as large as
-    its input; in blocks of about 2**18 elements they stay in cache and the allocator reuses
+    The pruned enumeration runs on blocks of ``_PRUNE_BLOCK`` elements (its kernels block
+    their eager versions themselves, and compiled ones are fastest on many rows at once). The
+    full enumeration runs by blocks of rows: it makes about ten temporaries as large as its
+    input; in blocks of about 2**18 elements they stay in cache and the allocator reuses
     them, which is 1.5-3x faster on CPU than one pass over a large input. The blocks are
     independent and few (the loop is over blocks of thousands of rows, never over single
-    rows).
+    rows). ``finite`` (``(M, 1)`` bool, optional): rows whose sum is finite.
     """
     m, n = x.shape
     s = _sorted_rows(x)
     if n >= _PRUNE_MIN_N:
         rows = max(1, _PRUNE_BLOCK // n)
         if m <= rows:
-            ok, pruned = _truncated_pruned(x, s, a, x)
+            ok, pruned = _truncated_pruned(x, s, a, x, finite)
         else:
             parts = [
                 _truncated_pruned(
-                    x[i : i + rows], s[i : i + rows], a if a.dim() == 0 else a[i : i + rows], x
+                    x[i : i + rows],
+                    s[i : i + rows],
+                    a if a.dim() == 0 else a[i : i + rows],
+                    x,
+                    None if finite is None else finite[i : i + rows],
                 )
                 for i in range(0, m, rows)
             ]
             ok = torch.cat([p[0] for p in parts])
             pruned = tuple(torch.cat(t, 0) for t in zip(*(p[1] for p in parts)))
-        n_ok = int(ok.sum())
-        if n_ok == m:
+        rest = (~ok).nonzero().squeeze(-1)
+        if not len(rest):
             return pruned
-        if n_ok:
-            rest = (~ok).nonzero().squeeze(-1)
+        if len(rest) < m:
             full = _solve_truncated_full(x[rest], s[rest], _rows(a, rest), x)
-            out = tuple(t.clone() for t in pruned)
-            for o, f in zip(out, full):
+            for o, f in zip(pruned, full):  # fresh tensors, one per output
                 o[rest] = f
-            return out  # type: ignore[return-value]
+            return pruned
     return _solve_truncated_full(x, s, a, x)
 
 
@@ -607,13 +614,8 @@ def _solve_truncated_full(
     return tuple(torch.cat(p, 0) for p in zip(*parts))  # type: ignore[return-value]
 
 
-def _first_true(mask: Tensor) -> Tensor:
-    """Column of the first True of each row of ``mask (M, k)`` (0 if none); ``(M, 1)``."""
-    return mask.to(torch.int8).argmax(-1, keepdim=True)
-
-
 def _truncated_pruned(
-    x: Tensor, s: Tensor, a: Tensor, whole: Tensor
+    x: Tensor, s: Tensor, a: Tensor, whole: Tensor, finite: Tensor | None = None
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The truncated-quadratic minimum, enumerating only the windows the minimiser can have.
 
@@ -623,164 +625,85 @@ def _truncated_pruned(
     every ``u`` in ``b`` (their exact quadratic, minimised over the bin), points ``K`` bins
     away cost at least ``((K − 1)/K)² α²/2``, farther ones exactly ``α²/2``. The objective
     at the best bin's minimiser, evaluated exactly, bounds the minimum above; the bins whose
-    lower bound exceeds it cannot hold the minimiser. For ``u`` in the remaining interval
-    ``U`` of bins, a point is an inlier for every ``u`` (core), an outlier for every ``u``
-    (far), or in one of two bands of width ``|U| + 2h`` around ``U ± α``: only the windows
+    lower bound exceeds it cannot hold the minimiser, nor the parts of the two end bins of
+    the remaining ones where their (convex, quadratic) bound exceeds it: the minimiser lies
+    in an interval ``U`` (widened by ``h / 1024`` against rounding). For ``u`` in ``U``, a
+    point is an inlier for every ``u`` (core), an outlier for every ``u`` (far), or in one
+    of the two bands ``U − α`` and ``U + α`` (found by binary search in ``s``, with their
+    ends rounded outwards): only the windows
     ``core ∪ (a suffix of the lower band) ∪ (a prefix of the upper band)`` are enumerated,
     with the same exit/entry order as the full enumeration (a merge of the lower band
     shifted by ``2α`` with the upper band). Every enumerated window is a set of points, so
     its cost is at least the minimum, which it attains: the result is the global minimum.
 
+    Every step is a kernel over all rows (compiled, or eager on blocks of rows): the
+    arithmetic on the small per-bin arrays costs several times the passes over ``x`` when
+    run as separate eager operations on them. ``finite`` (``(M, 1)`` bool, optional): rows
+    whose sum is finite, when the caller has it.
+
     Returns ``ok (M,)`` (rows the bounds certify, all finite) and for those rows what
-    :func:`_solve_truncated_block` returns (other rows hold placeholders).
+    :func:`_solve_truncated_block` returns (other rows hold unspecified values).
     """
     m, n = x.shape
-    dev, dt = x.device, x.dtype
     k_bins, nb = _PRUNE_BINS_PER_ALPHA, 2 * _PRUNE_HALF_RANGE * _PRUNE_BINS_PER_ALPHA
-    af = a.to(dt)
+    af = a.to(x.dtype)
     h = af / k_bins
     origin = s[:, (n - 1) // 2 : (n - 1) // 2 + 1] - (nb // 2) * h
     cnt, s1, s2 = kernel("truncated_histogram", whole)(s, origin, h, nb)  # type: ignore[misc]
-    cnt, s1, s2 = cnt.double(), s1.double(), s2.double()
-    creg, s1, s2 = cnt[:, 1 : nb + 1], s1[:, 1 : nb + 1], s2[:, 1 : nb + 1]
-    n_lo, n_hi = cnt[:, :1], cnt[:, nb + 1 :]
-    mid = torch.arange(nb, device=dev, dtype=torch.float64) + 0.5
-
-    def window(v: Tensor, lo: int, hi: int) -> Tensor:
-        """Σ over bins kb + lo ≤ k ≤ kb + hi (clipped to the regular bins), for each kb."""
-        c = torch.nn.functional.pad(torch.nn.functional.pad(v, (-lo, hi)).cumsum(-1), (1, 0))
-        return c[:, hi - lo + 1 : hi - lo + 1 + nb] - c[:, :nb]
-
-    # Bin kb: u = origin + h v, v in [kb, kb + 1]; a point of bin k at origin + h (k + ½ + l).
-    # Inner sum of (v − k − ½ − l)² = A v² − 2 B1 v + B2 (in units of h²).
-    b0 = window(creg, -k_bins + 1, k_bins - 1)
-    b1 = window(creg * mid + s1, -k_bins + 1, k_bins - 1)
-    b2 = window(creg * mid * mid + 2 * mid * s1 + s2, -k_bins + 1, k_bins - 1)
-    kb = torch.arange(nb, device=dev, dtype=torch.float64)
-    # Points K bins above, at u + h (K + ½ + l − w) for v = kb + w: min(t², 1) ≥ 1 − 2(1 − t)₊
-    # and (1 − t)₊ ≤ w (½ − l) / K (the chord of a convex function of l ∈ [−½, ½]); K bins
-    # below, min(t², 1) ≥ 1 − 2 (1 − w) (½ + l) / K. Both are linear in v: c0 + c1 v.
-    up_c = window(creg, k_bins, k_bins)
-    up_l = window(s1, k_bins, k_bins)
-    dn_c = window(creg, -k_bins, -k_bins)
-    dn_l = window(s1, -k_bins, -k_bins)
-    up_slope = (up_c - 2 * up_l) / k_bins  # the bound is up_c − up_slope w
-    dn_slope = (dn_c + 2 * dn_l) / k_bins  # the bound is dn_c − dn_slope (1 − w)
-    # Σ min(t², 1) ≥ (b0 v² − 2 b1 v + b2) / K² + (up_c + dn_c − dn_slope) + (dn_slope −
-    # up_slope) (v − kb) + far, minimised over v in [kb, kb + 1].
-    lin = (dn_slope - up_slope) * k_bins**2 / 2
-    vb = b1 - lin  # the vertex of b0 v² − 2 (b1 − lin) v
-    v = torch.where(b0 > 0, vb / b0.clamp_min(1), kb + 0.5).clamp(kb, kb + 1)
-    quad = (b0 * v * v - 2 * b1 * v + b2).clamp_min(0) / k_bins**2
-    total_reg = creg.sum(-1, keepdim=True)
-    far = total_reg - b0 - up_c - dn_c
-    far = far + torch.where(kb >= k_bins, n_lo, 0.0) + torch.where(kb <= nb - 1 - k_bins, n_hi, 0.0)
-    edge = up_c + dn_c - dn_slope + (dn_slope - up_slope) * (v - kb)
-    lower = quad + edge.clamp_min(0) + far  # ≤ Σ min(t², 1) for u in bin kb
-    best = lower.argmin(-1, keepdim=True)
-    u0 = origin + h * v.gather(1, best).to(dt)
-    finite = torch.isfinite(x.sum(-1, keepdim=True))
+    lower, b0, vb, v = kernel("truncated_bin_bounds", whole)(cnt, s1, s2, k_bins)  # type: ignore[misc]
+    u0 = origin + h * v.to(x.dtype)
+    if finite is None:
+        finite = torch.isfinite(x.sum(-1, keepdim=True))
     # The objective there, summed in float64 (relative error ≤ n eps), and a margin for the
     # rounding of the histogram's coordinates and float32 sums.
     f_up = kernel("truncated_objective", whole)(x, u0, a)  # type: ignore[operator]
-    f_up = f_up * (1 + 1e-5) + 1e-3 + 1e-4 * (n * _finfo(x).eps / 1.2e-7)
-    feasible = lower <= f_up
-    kmin = _first_true(feasible)
-    kmax = nb - 1 - _first_true(feasible.flip(-1))
-    # u outside the regular bins: points K bins in are farther than α from it.
-    cum = torch.nn.functional.pad(creg.cumsum(-1), (1, 0))
-    left_out = total_reg - cum[:, k_bins : k_bins + 1] + n_hi
-    right_out = cum[:, nb - k_bins : nb - k_bins + 1] + n_lo
-    ok = (
-        finite
-        & torch.isfinite(f_up)
-        & feasible.any(-1, keepdim=True)
-        & (kmin >= k_bins + 1)
-        & (kmax <= nb - k_bins - 2)
-        & (kmax - kmin < 2 * k_bins - 2)
-        & (left_out > f_up)
-        & (right_out > f_up)
-    )
-    # Index ranges in s: the lower band holds bins [kmin − K − 1, kmax − K + 1], the upper
-    # band bins [kmin + K − 1, kmax + K + 1], the core the bins between them.
-    start = (n_lo + cum).to(torch.int64)  # first index of regular bin k (k ≤ nb)
-
-    def at(k: Tensor) -> Tensor:
-        return start.gather(1, k.clamp(0, nb))
-
-    start_l, end_l = at(kmin - k_bins - 1), at(kmax - k_bins + 2)
-    start_r, end_r = at(kmin + k_bins - 1), at(kmax + k_bins + 2)
-    n_l, n_r = end_l - start_l, end_r - start_r
+    f_up = f_up * (1 + 1e-5) + (1e-3 + 1e-4 * (n * _finfo(x).eps / 1.2e-7))
     cap = max(1, int(_PRUNE_MAX_BAND * n))
-    ok &= (n_l <= cap) & (n_r <= cap)
-    ok = ok.squeeze(-1)
-    y = torch.zeros(m, 1, dtype=dt, device=dev)
-    placeholder = (y, y, y, y)
-    if not bool(ok.any()):
-        return ok, placeholder
-    all_ok = bool(ok.all())
-    idx = ok.nonzero().squeeze(-1)
+    bands = kernel("truncated_bands", whole)(lower, b0, vb, f_up, cnt, s, origin, h, a, k_bins, cap)
+    ok, start_l, end_l, start_r, n_l, n_r, core, ref = bands  # type: ignore[misc]
+    ok = (ok & finite).squeeze(-1)
+    # One synchronisation for the band widths of the certified rows: their largest, and their
+    # mean, which sets the width _PRUNE_WIDE times the mean beyond which rows are enumerated
+    # apart (the enumeration costs rows × width, and a few wide rows would set the width).
+    widths = torch.where(ok.unsqueeze(-1), torch.cat([n_l, n_r], -1), 0)
+    n_ok = ok.sum(0, keepdim=True)
+    stats = torch.cat([widths.amax(0), widths.sum(0).double() / n_ok.clamp_min(1), n_ok])
+    k_l, k_r, mean_l, mean_r, n_ok = stats.tolist() if m else (0, 0, 0, 0, 0)
+    if not n_ok:
+        y = torch.zeros(m, 1, dtype=x.dtype, device=x.device)
+        return ok, (y, y, y, y)
+    c1, c2 = kernel("truncated_core_sums", whole)(s, core, ref, a)  # type: ignore[misc]
+    windows = kernel("truncated_band_windows", whole)
 
-    def sel(t: Tensor) -> Tensor:
-        return t if all_ok or t.dim() == 0 else t[idx]
+    def enumerate_bands(rows: Tensor | None, k_l: int, k_r: int) -> tuple[Tensor, Tensor]:
+        """The best windows' ``[begin, end)`` in ``s`` of all rows (``rows`` None) or of
+        ``rows``, with bands of at most ``k_l`` and ``k_r`` points."""
+        pick = (lambda t: t) if rows is None else (lambda t: _rows(t, rows))
+        s_r, sl, sr, nl, nr = map(pick, (s, start_l, start_r, n_l, n_r))
+        low = _band(s_r, sl, nl, max(1, k_l))
+        up = _band(s_r, sr, nr, max(1, k_r))
+        args = map(pick, (start_r - end_l, c1, c2, ref, a))
+        left_out, taken = windows(low, up, nl, nr, *args, n)  # type: ignore[misc]
+        return sl + left_out, sr + taken
 
-    s_ok, a_ok = sel(s), sel(a)
-    start_l, n_l, start_r, n_r, end_l = map(sel, (start_l, n_l, start_r, n_r, end_l))
-    k_l, k_r = max(1, int(n_l.max())), max(1, int(n_r.max()))
-    col_l = torch.arange(k_l, device=dev)
-    col_r = torch.arange(k_r, device=dev)
-    valid_l, valid_r = col_l < n_l, col_r < n_r
-    low = torch.where(valid_l, s_ok.gather(1, (start_l + col_l).clamp_max(n - 1)), math.inf)
-    up = torch.where(valid_r, s_ok.gather(1, (start_r + col_r).clamp_max(n - 1)), math.inf)
-    ref = (sel(origin).double() + sel(h).double() * (sel(kmin) + sel(kmax) + 1) / 2).to(
-        torch.float64
-    )
-    a64 = a_ok.to(torch.float64)
-    zero = torch.zeros((), dtype=torch.float64, device=dev)
-    d_l = torch.where(valid_l, (low.double() - ref) / a64, zero)
-    d_r = torch.where(valid_r, (up.double() - ref) / a64, zero)
-    pl1 = torch.nn.functional.pad(d_l.cumsum(-1), (1, 0))
-    pl2 = torch.nn.functional.pad((d_l * d_l).cumsum(-1), (1, 0))
-    pr1 = torch.nn.functional.pad(d_r.cumsum(-1), (1, 0))
-    pr2 = torch.nn.functional.pad((d_r * d_r).cumsum(-1), (1, 0))
-    c1, c2 = kernel("truncated_range_sums", whole)(s_ok, end_l, start_r, ref, a64)  # type: ignore[misc]
-    n_c = start_r - end_l
-    # Merge the exits (lower band + 2α) with the entries (upper band); on a tie the entry
-    # comes first, as in the full enumeration.
-    merged = torch.cat([up, low + 2 * a_ok.to(dt)], -1)
-    perm = torch.from_numpy(
-        np.argsort(merged.cpu().numpy(), axis=-1, kind="stable")
-    ).to(dev)
-    is_exit = perm >= k_r
-    exits_so_far = is_exit.cumsum(-1)
-    pos = torch.arange(k_r + k_l, device=dev)
-    counted = torch.where(is_exit, pos + 1 - exits_so_far, exits_so_far)
-    counts = torch.empty_like(counted).scatter_(1, perm, counted)
-    exits_before_entry, entries_before_exit = counts[:, :k_r], counts[:, k_r:]
-    # Candidate windows (i exits, j entries): none yet, after each exit, after each entry.
-    rows_ok = s_ok.shape[0]
-    none = torch.zeros(rows_ok, 1, dtype=torch.int64, device=dev)
-    i_all = torch.cat([none, (col_l + 1).expand(rows_ok, k_l), exits_before_entry], -1)
-    j_all = torch.cat([none, entries_before_exit, (col_r + 1).expand(rows_ok, k_r)], -1)
-    valid = torch.cat([none == 0, valid_l, valid_r], -1)
-    sum1 = c1 + pl1.gather(1, n_l) - pl1.gather(1, i_all) + pr1.gather(1, j_all)
-    sum2 = c2 + pl2.gather(1, n_l) - pl2.gather(1, i_all) + pr2.gather(1, j_all)
-    size = (n_c + n_l - i_all + j_all).to(torch.float64)
-    cost = (sum2 - sum1 * sum1 / size.clamp_min(1)).clamp_min(0) + (n - size)
-    cost = torch.where(valid & (size > 0), cost, math.inf)
-    pick = cost.argmin(-1, keepdim=True)
-    begin = start_l + i_all.gather(1, pick)
-    end = start_r + j_all.gather(1, pick)
-    lo = s_ok.gather(1, begin.clamp(0, n - 1))
-    hi = s_ok.gather(1, (end - 1).clamp(0, n - 1))
-    total, count = kernel("window_sums", whole)(sel(x), lo, hi)  # type: ignore[misc]
-    result = (total / count, lo, hi, count)
-    if all_ok:
-        return ok, result
-    out = tuple(torch.zeros(m, 1, dtype=dt, device=dev) for _ in range(4))
-    for o, r in zip(out, result):
-        o[idx] = r
-    return ok, out  # type: ignore[return-value]
+    t_l, t_r = (8 * math.ceil(_PRUNE_WIDE * w / 8) for w in (mean_l, mean_r))
+    if k_l <= t_l and k_r <= t_r:
+        begin, end = enumerate_bands(None, int(k_l), int(k_r))
+    else:
+        begin, end = enumerate_bands(None, min(t_l, int(k_l)), min(t_r, int(k_r)))
+        wide = (ok.unsqueeze(-1) & ((n_l > t_l) | (n_r > t_r))).squeeze(-1).nonzero().squeeze(-1)
+        begin[wide], end[wide] = enumerate_bands(wide, int(k_l), int(k_r))
+    lo = s.gather(1, begin.clamp(0, n - 1))
+    hi = s.gather(1, (end - 1).clamp(0, n - 1))
+    total, count = kernel("window_sums", whole)(x, lo, hi)  # type: ignore[misc]
+    return ok, (total / count, lo, hi, count)
+
+
+def _band(s: Tensor, start: Tensor, size: Tensor, k: int) -> Tensor:
+    """The ``size`` values of each row of ``s`` from column ``start``, then ``inf``: ``(M, k)``."""
+    col = torch.arange(k, device=s.device)
+    values = s.gather(1, (start + col).clamp_max(s.shape[-1] - 1))
+    return torch.where(col < size, values, math.inf)
 
 
 def _solve_truncated_block(
@@ -991,8 +914,9 @@ def _plain_backward(
 
 
 def _truncated_solve(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Saved]:
-    y, lo, hi, count = _solve_truncated(x, a)
-    return y, x.sum(-1, keepdim=True), (lo, hi, count)
+    row_sum = x.sum(-1, keepdim=True)
+    y, lo, hi, count = _solve_truncated(x, a, torch.isfinite(row_sum))
+    return y, row_sum, (lo, hi, count)
 
 
 def _truncated_backward(
