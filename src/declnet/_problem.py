@@ -125,7 +125,7 @@ class Problem:
             self._gf = self._grad_l if self.graph else self._grad_l.detach()
         # A = D_Y h̃ is formed on first use: the matrix-free Schur path never needs it.
         self._A_full: Tensor | None = None
-        self._A_sparse: Tensor | None = None  # a declared sparse A (coalesced COO)
+        self._A_sparse: Tensor | None = None  # a declared sparse A (COO; repeats add up)
         self._sparse_pattern: SparsePattern | None = None
         if self.linear:
             self._A_full = node.constraint_matrix(self.batch, self.m).to(self.dtype)
