@@ -229,3 +229,22 @@ def test_pool_traces_fullgraph(name):
 @pytest.mark.parametrize("name", POOL_PENALTIES)
 def test_pool_compiles_fullgraph(name):
     _compiled_matches_eager(name, "inductor")
+
+
+# ------------------------------------------------------------------------- an empty batch
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_empty_batch_gives_empty_result(name):
+    # Every layer takes a batch of zero problems: an empty result and empty gradients
+    # (scalar parameters such as a penalty's alpha stay unbatched and get a zero gradient).
+    fn, args = CASES[name]
+    single = fn(*args).shape
+    if name == "quadratic_program":  # the case picks y[0] of an unbatched problem's (1, n)
+        fn, single = L.quadratic_program, L.quadratic_program(*args)[0].shape
+    xs = [(a.unsqueeze(0)[:0] if a.dim() else a).clone().requires_grad_() for a in args]
+    y = fn(*xs)
+    assert y.shape == (0, *single)
+    grads = torch.autograd.grad(y.sum(), xs, allow_unused=True)
+    for x, g in zip(xs, grads):
+        assert g is None or (g.shape == x.shape and not bool(g.any()))

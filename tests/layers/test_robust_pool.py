@@ -400,9 +400,16 @@ def test_bad_inputs_say_what_came_and_what_is_allowed():
         robust_pool(x, pen)
 
 
-def test_empty_batch_is_fine():
-    y = robust_pool(torch.zeros(0, 4, dtype=F64), "welsch")
-    assert y.shape == (0,)
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(0, 4), (0, 1024), (2, 0, 100)])
+def test_empty_batch_is_fine(name, shape):
+    # The truncated quadratic's enumeration (both its full and its pruned form, n ≥ 64)
+    # reduced over the rows and failed on an empty batch.
+    x = torch.zeros(*shape, dtype=F64, requires_grad=True)
+    y = robust_pool(x, make(name))
+    assert y.shape == shape[:-1]
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == shape
 
 
 def test_no_warnings_in_the_regular_case():

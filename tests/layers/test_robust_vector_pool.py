@@ -90,6 +90,18 @@ def test_layout_dims_and_vector_dim():
     torch.testing.assert_close(y, per_sample)
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(0, C, N), (B, 0, N), (0, 0, N)])
+def test_empty_batch_or_empty_vectors_give_an_empty_result(name, shape):
+    # No sets, or points in R^0: an empty (B, C) result and an empty gradient, not a
+    # reshape failure.
+    x = torch.zeros(*shape, dtype=F64, requires_grad=True)
+    y = robust_vector_pool(x, make(name))
+    assert y.shape == shape[:2]
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == shape
+
+
 def test_module_and_learnable_alpha():
     alpha = torch.nn.Parameter(torch.tensor(0.8, dtype=F64))
     pool = RobustVectorPool(Welsch(alpha))

@@ -568,6 +568,9 @@ def _solve_truncated(
     rows). ``finite`` (``(M, 1)`` bool, optional): rows whose sum is finite.
     """
     m, n = x.shape
+    if not m:  # an empty batch: nothing to enumerate (the kernels reduce over rows)
+        # Four distinct tensors: the autograd Function marks the last three non-differentiable.
+        return tuple(x.new_empty(0, 1) for _ in range(4))  # type: ignore[return-value]
     s = _sorted_rows(x)
     if n >= _PRUNE_MIN_N:
         rows = max(1, _PRUNE_BLOCK // n)

@@ -57,6 +57,8 @@ def _select(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Tensor, T
 def _check_symmetric(tensors: list[Tensor], label: str) -> None:
     """``X`` symmetric to within √eps relative, and finite."""
     (x,) = tensors
+    if not x.numel():  # an empty batch
+        return
     asym = (x - x.mT).abs().amax()
     scale = x.abs().amax().clamp(min=torch.finfo(x.dtype).tiny)
     if bool(asym > torch.finfo(x.dtype).eps ** 0.5 * scale) or not bool(torch.isfinite(asym)):

@@ -70,7 +70,7 @@ def _sinkhorn(
         it += _CHECK_EVERY
         log_p = theta + alpha.unsqueeze(-1) + beta.unsqueeze(-2)
         rows = torch.logsumexp(log_p, dim=-1).exp()
-        err = float(((rows - r).abs().sum(-1) / mass).max())
+        err = float(((rows - r).abs().sum(-1) / mass).amax()) if mass.numel() else 0.0
         if err <= tol:
             break
     return torch.exp(theta + alpha.unsqueeze(-1) + beta.unsqueeze(-2)), err, it

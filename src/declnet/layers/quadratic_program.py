@@ -259,7 +259,9 @@ def _run(Q: Tensor, p: Tensor, G: Tensor | None, h: Tensor | None, A: Tensor | N
          ) -> tuple[Tensor, dict[str, Any]]:
     args = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
     m, q, r = _check(args)
-    batch = _batch(args) or 1
+    batch = _batch(args)
+    if batch is None:  # nothing batched: one problem (an empty batch stays empty)
+        batch = 1
     dtype = torch.promote_types(Q.dtype, p.dtype)
     if not dtype.is_floating_point:
         raise TypeError(f"quadratic_program: Q and p must be floating point, got {dtype}.")

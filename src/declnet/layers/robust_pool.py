@@ -495,14 +495,17 @@ def robust_vector_pool(
     size_c = x.shape[vdim]
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     # (M, C, n): coordinates before points, a view of a (B, C, N) input with the defaults.
-    flat = work.permute(*rest, vdim, *dims).reshape(-1, size_c, n)
+    flat = work.permute(*rest, vdim, *dims).reshape(math.prod(rest_shape), size_c, n)
     if type(pen) is Quadratic:
         y = flat.mean(-1)
     else:
         alpha = pool_alpha(pen.alpha, type(pen).__name__, rest_shape, flat.shape[0], work)
         if alpha.dim():
             alpha = alpha.reshape(-1)
-        y = _RobustVectorPoolFunction.apply(flat, alpha, pen)
+        if flat.numel():
+            y = _RobustVectorPoolFunction.apply(flat, alpha, pen)
+        else:  # no sets, or points in R^0: the result is empty, and so is its Jacobian
+            y = flat.mean(-1)
     position = sum(1 for d in rest if d < vdim)
     y = y.reshape(*rest_shape, size_c).movedim(-1, position)
     if keepdim:
