@@ -178,7 +178,7 @@ def test_transport_with_a_sparse_constraint_jacobian(n, all_marginals):
     P = node.solve(M, r, c) if all_marginals else node.solve(M, r, c).y
     v = rand(*P.shape, seed=10)
     used, dense = [], []
-    schur, full = _kkt.Problem.sparse_schur, _kkt.Problem._constraint_jacobian
+    schur, full = _kkt.Problem.sparse_scaled_schur, _kkt.Problem._constraint_jacobian
 
     def spy_schur(self, d, **kwargs):
         used.append(True)
@@ -188,13 +188,13 @@ def test_transport_with_a_sparse_constraint_jacobian(n, all_marginals):
         dense.append(True)
         return full(self)
 
-    _kkt.Problem.sparse_schur, _kkt.Problem._constraint_jacobian = spy_schur, spy_full
+    _kkt.Problem.sparse_scaled_schur, _kkt.Problem._constraint_jacobian = spy_schur, spy_full
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", declnet.DeclarativeWarning)
             g = grad_of(node, [M, r, c], v)
     finally:
-        _kkt.Problem.sparse_schur, _kkt.Problem._constraint_jacobian = schur, full
+        _kkt.Problem.sparse_scaled_schur, _kkt.Problem._constraint_jacobian = schur, full
     assert dense == []  # never by autograd passes
     assert bool(used) == (n == 60 and not all_marginals)
     expected = transport_vjp_closed_form(P, v, gamma)

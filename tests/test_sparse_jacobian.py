@@ -1,6 +1,7 @@
 """A declared sparse constraint Jacobian: products, the Schur complement, and the reuse of
 its index arithmetic across calls (never stale)."""
 
+import pytest
 import torch
 
 from declnet import _sparse_jacobian as sj
@@ -36,6 +37,32 @@ def test_products_and_schur_equal_the_dense_ones():
         torch.testing.assert_close(pattern.product(values, X, False), dense @ X)
         torch.testing.assert_close(pattern.product(values, W, True),
                                    dense.transpose(1, 2) @ W)
+
+
+@pytest.mark.parametrize("repeats", [0, 9], ids=["coalesced", "repeated entries"])
+def test_scaled_schur_is_the_equilibrated_schur_complement(repeats):
+    """``(diag(s) S diag(s), s)`` assembled from scaled entries: ``s`` powers of two that put
+    S's diagonal in [1/2, 2), 1 on an empty row; repeated entries add up as in ``S``."""
+    B, c, m = 3, 7, 40
+    A = _random_sparse(B, c, m, nnz=60, seed=2, repeats=repeats)
+    index = A._indices()
+    keep = ~((index[0] == 1) & (index[1] == 4))  # row 4 of sample 1 empty: its scale is 1
+    A = torch.sparse_coo_tensor(index[:, keep], A._values()[keep], A.shape)
+    if not repeats:
+        A = A.coalesce()
+    dense = A.to_dense()
+    pattern = sj.SparsePattern(A._indices(), (B, c, m))
+    gen = torch.Generator().manual_seed(3)
+    d = 10.0 ** (6 * torch.rand(B, m, generator=gen, dtype=torch.float64) - 3)
+    S = dense @ (dense / d.unsqueeze(1)).transpose(1, 2)
+    Ss, scale = pattern.scaled_schur(A._values(), d)
+    torch.testing.assert_close(Ss, scale.unsqueeze(-1) * S * scale.unsqueeze(-2), rtol=1e-12,
+                               atol=0.0)
+    assert bool((torch.log2(scale) == torch.log2(scale).round()).all())
+    diag = Ss.diagonal(dim1=-2, dim2=-1)
+    assert scale[1, 4] == 1.0 and diag[1, 4] == 0.0
+    diag = torch.cat([diag[:1].flatten(), diag[1, :4], diag[1, 5:], diag[2:].flatten()])
+    assert bool(((diag >= 0.5) & (diag < 2.0)).all())
 
 
 def test_schur_declines_columns_with_many_entries():

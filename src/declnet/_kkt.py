@@ -202,7 +202,7 @@ _SCHUR_BLOCK_BYTES = 8 * 2**20
 
 
 def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | None = None,
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The Schur-complement solve without forming ``A`` (``c × m`` per sample).
 
     ``S = A H⁻¹ Aᵀ`` is assembled column block by column block: ``Aᵀ E`` by one vectorised
@@ -210,7 +210,8 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
     Jacobian-vector products; ``A H⁻¹ v`` and ``Aᵀ w₂`` likewise. Memory is that of a
     block, not of ``A``; for constraints such as a transport plan's marginals the cost is
     ``O(c m)`` instead of ``O(c² m)``. ``inv_diag`` ``(B, m)``: ``H⁻¹`` when ``H`` is
-    diagonal (applied to the blocks in place). Returns ``(w, ok, S)``.
+    diagonal (applied to the blocks in place). Returns ``(w, ok, S)`` (``S`` None on the
+    sparse path when every sample succeeded, see :func:`_schur_sparse`).
     """
     m, c, B = prob.m, prob.c, prob.batch
     cd = rhs.dtype
@@ -221,9 +222,10 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
                            prob.options.memory_budget // max(1, 4 * B * m * itemsize))))
     S = None
     if prob.sparse_A and inv_diag is not None:
-        S = prob.sparse_schur(inv_diag.to(cd))  # from the declared sparse A: O(nnz) work
-        if S is not None:
-            return _schur_sparse(prob, hsolve, S, hv, z)
+        # From the declared sparse A, equilibrated as it is assembled: O(nnz) work.
+        scaled = prob.sparse_scaled_schur(inv_diag.to(cd))
+        if scaled is not None:
+            return _schur_sparse(prob, hsolve, *scaled, hv, z)
     if S is None:
         eye = _eye(c, hv).to(prob.dtype)
         cols = []
@@ -248,25 +250,32 @@ def _schur_matrix_free(prob: Problem, hsolve, rhs: Tensor, inv_diag: Tensor | No
     return w, ok, S
 
 
-def _schur_sparse(prob: Problem, hsolve, S: Tensor, hv: Tensor, z: Tensor,
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def _schur_sparse(prob: Problem, hsolve, Ss: Tensor, s: Tensor, hv: Tensor, z: Tensor,
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`_schur_matrix_free` for a declared sparse ``A`` and diagonal ``H``, given
-    ``hsolve = H⁻¹ ·``, ``S = A H⁻¹ Aᵀ`` ``(B, c, c)`` and ``hv = H⁻¹ v`` ``(B, m, K)``:
-    two sparse products, in the compute dtype. ``S`` is symmetric by construction up to
-    rounding (Cholesky reads one triangle)."""
-    S = S + torch.diag_embed(prob.inactive_diagonal.to(S.dtype))
-    sf = _linalg.cholesky_factor(S, _tol(prob))
+    ``hsolve = H⁻¹ ·``, the equilibrated ``Ss = diag(s) S diag(s)`` of ``S = A H⁻¹ Aᵀ``
+    ``(B, c, c)`` with its scaling ``s`` ``(B, c)``, and ``hv = H⁻¹ v`` ``(B, m, K)``: two
+    sparse products, in the compute dtype. ``S`` is symmetric by construction up to
+    rounding (Cholesky reads one triangle). ``S + D`` is returned only where some sample
+    failed (it then decides which rows to drop); None otherwise."""
+    if not prob.all_used:  # a 1 on the diagonal of unused rows (s = 1 there: A's row is 0)
+        Ss = Ss + torch.diag_embed(prob.inactive_diagonal.to(Ss.dtype))
+    sf = _linalg.cholesky_of_scaled(Ss, s, _tol(prob))
     w2 = sf.solve(prob.sparse_product(hv) - z)  # (B, c, K); products in hv's precision
     w1 = hv - hsolve(prob.sparse_product(w2, transpose=True))
     w = torch.cat([w1, w2], 1)
     ok = sf.ok & _linalg.finite_samples(w)
-    return w, ok, S
+    if bool(ok.all()):
+        return w, ok, None
+    return w, ok, Ss / (s.unsqueeze(-1) * s.unsqueeze(-2))
 
 
 def _schur(prob: Problem, hsolve, rhs: Tensor, structured: bool = False,
-           inv_diag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+           inv_diag: Tensor | None = None,
+           ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Solve by the Schur complement given ``hsolve = H⁻¹ ·``; returns ``(w, ok_s, S, H⁻¹A)``
-    (``H⁻¹A`` None on the matrix-free path)."""
+    (``H⁻¹A`` None on the matrix-free path; ``S`` None on the sparse one where every sample
+    succeeded)."""
     m, c = prob.m, prob.c
     if (structured and not prob.linear and not prob.A_formed and c >= _JVP_SCHUR_ROWS
             and c * m >= _JVP_SCHUR_WORK):

@@ -145,6 +145,14 @@ def _jacobi_scale(matrix: Tensor) -> Tensor:
     return torch.exp2(torch.round(-0.5 * log_d))
 
 
+def diagonal_scale(d: Tensor) -> Tensor:
+    """The scaling of :func:`_jacobi_scale` from the diagonal ``d`` alone: ``1/sqrt(d)``
+    rounded to powers of two, and 1 where an entry is not positive and finite (an empty
+    or unused row, which the caller then handles)."""
+    log_d = torch.log2(d)
+    return torch.where(torch.isfinite(log_d), torch.exp2(torch.round(-0.5 * log_d)), 1.0)
+
+
 class Factor:
     """A batch of factorised (scaled) matrices: ``solve`` applies the inverse.
 

@@ -311,6 +311,11 @@ class Problem:
         None when a column holds too many entries (then S is formed otherwise)."""
         return self.sparse_pattern.schur(self._sparse_values(), d)
 
+    def sparse_scaled_schur(self, d: Tensor) -> tuple[Tensor, Tensor] | None:
+        """:meth:`sparse_schur` equilibrated: ``(diag(s) S diag(s), s)`` (see
+        :meth:`~declnet._sparse_jacobian.SparsePattern.scaled_schur`)."""
+        return self.sparse_pattern.scaled_schur(self._sparse_values(), d)
+
     @property
     def A_formed(self) -> bool:
         """Whether ``A`` is at hand (declared, fixed, or already formed)."""

@@ -5,7 +5,8 @@
 The index arithmetic depends only on where the entries are. A node usually declares the
 same pattern at every call (a transport plan's marginals), so it is computed once per
 node and reused while the indices are unchanged: they are compared entry by entry at each
-call (one ``O(nnz)`` pass), so a changed pattern is always noticed.
+call (one ``O(nnz)`` pass, skipped when the node returns the very index tensor of the
+earlier call, unmodified since), so a changed pattern is always noticed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import _linalg
 
 __all__ = ["SparsePattern", "pattern_of"]
 
@@ -39,21 +42,41 @@ class SparsePattern:
     def __init__(self, indices: Tensor, shape: tuple[int, int, int]) -> None:
         _, c, m = shape
         self.indices = indices.clone()  # a copy: the node may refill its own in place
+        # The node's own index tensor, kept alive (so that its memory is not reused) with
+        # its version counter: the same, unmodified tensor at the next call (a node that
+        # returns the Jacobian it built once) is recognised without comparing entries.
+        self._source = indices
+        self._source_version = indices._version
         self.shape = shape
         b, i, j = indices
         self.row = b * c + i
         self.col = b * m + j
         self.pairs = _same_column_pairs(self.col, MAX_PER_COLUMN)
+        self._diagonal_pairs: tuple[Tensor | None, Tensor | None, Tensor] | None = None
         if self.pairs is not None:
             first, second = self.pairs
             dest = self.row.index_select(0, first) * c + i.index_select(0, second)
             self.pairs = (first, second, dest)
+            # The pairs that add to a diagonal entry of S (both entries in one row), with
+            # that entry's flat index into (B·c): S's diagonal without S.
+            on = (i.index_select(0, first) == i.index_select(0, second)).nonzero().flatten()
+            first_on, second_on = first[on], second[on]
+            if on.numel() == indices.shape[1] and bool((first_on == second_on).all()):
+                # No repeated entries: the pairs are each entry with itself (in entry order).
+                self._diagonal_pairs = (None, None, self.row)
+            else:
+                self._diagonal_pairs = (first_on, second_on, self.row.index_select(0, first_on))
 
     def matches(self, indices: Tensor, shape: tuple[int, int, int]) -> bool:
         """Whether a sparse ``A`` of ``shape`` with entries at ``indices`` has this pattern."""
-        return (shape == self.shape and indices.shape == self.indices.shape
-                and indices.device == self.indices.device
-                and torch.equal(indices, self.indices))
+        if shape != self.shape or indices.shape != self.indices.shape:
+            return False
+        source = self._source
+        if (indices.data_ptr() == source.data_ptr() and indices.stride() == source.stride()
+                and indices.device == source.device
+                and indices._version == self._source_version == source._version):
+            return True  # the same memory, never written to since: the same entries
+        return indices.device == self.indices.device and torch.equal(indices, self.indices)
 
     def product(self, values: Tensor, X: Tensor, transpose: bool) -> Tensor:
         """``A X`` (``X`` ``(B, m, K)`` -> ``(B, c, K)``) or, with ``transpose``, ``Aᵀ X``
@@ -79,12 +102,39 @@ class SparsePattern:
         instead of ``O(c m)``; None when that is more than :data:`MAX_PER_COLUMN`."""
         if self.pairs is None:
             return None
-        B, c, _ = self.shape
-        first, second, dest = self.pairs
         values = values.to(torch.promote_types(values.dtype, d.dtype))  # sums in d's precision
-        scaled = values / d.to(values.dtype).reshape(-1).index_select(0, self.col)
-        terms = scaled.index_select(0, first) * values.index_select(0, second)
-        return values.new_zeros(B * c * c).scatter_add_(0, dest, terms).view(B, c, c)
+        return self._assemble(values / self._at_columns(d, values.dtype), values)
+
+    def scaled_schur(self, values: Tensor, d: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(diag(s) S diag(s), s)`` for :meth:`schur`'s ``S``, with ``s`` ``(B, c)`` the
+        Jacobi scaling of ``S`` (powers of two; 1 where ``S``'s diagonal is not positive),
+        assembled from scaled entries: ``S`` itself is never formed (on CPU a pass over a
+        ``c × c`` matrix costs as much as the assembly). None as for :meth:`schur`."""
+        if self.pairs is None or self._diagonal_pairs is None:
+            return None
+        B, c, _ = self.shape
+        values = values.to(torch.promote_types(values.dtype, d.dtype))
+        over_d = values / self._at_columns(d, values.dtype)
+        first, second, dest = self._diagonal_pairs
+        if first is None:  # the pairs of an entry with itself, in entry order
+            terms = over_d * values
+        else:
+            terms = over_d.index_select(0, first).mul_(values.index_select(0, second))
+        diag = values.new_zeros(B * c).scatter_add_(0, dest, terms)
+        s = _linalg.diagonal_scale(diag)
+        at_rows = s.index_select(0, self.row)
+        return self._assemble(over_d.mul_(at_rows), values * at_rows), s.view(B, c)
+
+    def _at_columns(self, d: Tensor, dtype: torch.dtype) -> Tensor:
+        """``d`` ``(B, m)`` at each entry's column, ``(nnz,)``."""
+        return d.to(dtype).reshape(-1).index_select(0, self.col)
+
+    def _assemble(self, left: Tensor, right: Tensor) -> Tensor:
+        """``Σ left_first right_second`` over the same-column pairs, into ``(B, c, c)``."""
+        B, c, _ = self.shape
+        first, second, dest = self.pairs  # type: ignore[misc]
+        terms = left.index_select(0, first).mul_(right.index_select(0, second))
+        return left.new_zeros(B * c * c).scatter_add_(0, dest, terms).view(B, c, c)
 
 
 def _same_column_pairs(col: Tensor, most: int) -> tuple[Tensor, Tensor] | None:
