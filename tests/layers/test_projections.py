@@ -378,6 +378,36 @@ def test_linf_sphere_inside_ties_push_first_largest():
     assert torch.equal(g, torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]], dtype=DOUBLE))
 
 
+@pytest.mark.parametrize("radius", ["float", "per row"])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_linf_sphere_long_rows_inside_or_not(radius, dim):
+    # Rows longer than the prefix the CPU path looks at first: outside, inside, reaching
+    # the radius only after the prefix, negative only, exactly on the sphere.
+    n = 300
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, n, dtype=DOUBLE, generator=gen)
+    x[1] = 0.5 * torch.rand(n, dtype=DOUBLE, generator=gen) - 0.25  # inside
+    x[2] = 0.1 * x[2]
+    x[2, 250] = -3.0  # outside, but only past the prefix
+    x[3] = -2.0 - torch.rand(n, dtype=DOUBLE, generator=gen)  # outside, negative only
+    x[4] = 0.3 * torch.tanh(x[4])
+    x[4, 200] = 1.0  # on the sphere
+    x[5] = 0.01 * x[5]
+    x[5, 280] = -0.9  # inside, largest magnitude negative and late
+    r = 1.0 if radius == "float" else torch.full((6, 1), 1.0, dtype=DOUBLE)
+    expected = x.clamp(-1.0, 1.0)
+    for row in (1, 5):  # inside: the largest magnitude goes out to ±r
+        k = int(x[row].abs().argmax())
+        expected[row, k] = math.copysign(1.0, float(x[row, k]))
+    if dim == 0:
+        x, expected = x.T.contiguous(), expected.T
+        r = r if radius == "float" else r.T
+    y = project_onto_sphere(x, math.inf, r, dim=dim)
+    assert torch.equal(y, expected)
+    far = 3.0 * torch.randn(x.shape, dtype=DOUBLE, generator=gen)  # every row outside
+    assert torch.equal(project_onto_sphere(far, math.inf, r, dim=dim), far.clamp(-1.0, 1.0))
+
+
 def test_linf_ball_coordinate_exactly_at_radius_is_active():
     x = torch.tensor([[1.0, 0.5, -0.2, 0.1, 0.0]], dtype=DOUBLE, requires_grad=True)
     y = project_onto_ball(x, math.inf, 1.0, masked=True)

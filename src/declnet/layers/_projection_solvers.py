@@ -111,15 +111,29 @@ def _l2_backward(
 # --------------------------------------------------------------------------------------
 
 
+# Entries of each row looked at first by the L∞ sphere's inside test (see _linf_forward).
+_LINF_HEAD = 64
+
+
 def _linf_forward(x: Tensor, r: float | Tensor, dim: int, ball: bool) -> Tensor:
     y = torch.clamp(x, -r, r)
     if ball:
         return y
     # Sphere from inside: push the largest magnitude (the first one on ties) out to ±r,
     # with sign(0) = +1. On CPU the rows are checked first so that the common case
-    # (every row on or outside the sphere) costs one extra reduction only: a row whose
-    # maximum reaches r is not inside, and only when some row's maximum is below r is the
-    # minimum taken too (max |x| = max(max x, −min x): read-only passes, no |x| written).
+    # (every row on or outside the sphere) costs little: a row one of whose first
+    # _LINF_HEAD entries reaches r is not inside (for signed data a pass over that prefix
+    # usually decides every row); else a row whose maximum reaches r is not inside, and
+    # only when some row's maximum is below r is the minimum taken too
+    # (max |x| = max(max x, −min x): read-only passes, no |x| written).
+    if x.device.type == "cpu" and x.shape[dim] > _LINF_HEAD:
+        head = x.narrow(dim, 0, _LINF_HEAD).amax(dim=dim, keepdim=True)
+        if isinstance(r, Tensor):
+            outside = not bool((head < r).any())
+        else:  # one radius: the smallest row maximum decides (one synchronisation)
+            outside = float(head.amin()) >= r
+        if outside:
+            return y
     top = x.amax(dim=dim, keepdim=True)
     if x.device.type == "cpu" and not bool((top < r).any()):
         return y
