@@ -209,6 +209,18 @@ def pseudo_huber_backward_grad(
     return (r * r).mul_(r).mul_(scale)
 
 
+def pseudo_huber_backward_fused(
+    x: Tensor, y: Tensor, a: Tensor, v: Tensor, inv: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``v · w_i / Σ_j w_j`` ``(M, n)`` and ``Σ_j w_j`` ``(M, 1)`` with
+    ``w_i = (1 + t_i²)^(-3/2)``: the backward in one kernel when ``α`` needs no gradient (a
+    third of the passes of the sums and the gradient kernels in eager mode)."""
+    r = _rsqrt_one_plus_square(_scaled(y - x, a, inv))  # 0 where t² overflows
+    w = (r * r).mul_(r)
+    total = w.sum(-1, keepdim=True)
+    return w.mul_(v / total), total
+
+
 def welsch_backward_sums(
     x: Tensor, y: Tensor, a: Tensor, inv: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -223,6 +235,20 @@ def welsch_backward_sums(
     s_shift = (te * t2).sum(-1, keepdim=True)
     s_newton = t2.sub_(2).mul_(te).sum(-1, keepdim=True)
     return s_c, s_abs, s_e, s_newton, s_shift
+
+
+def welsch_backward_fused(
+    x: Tensor, y: Tensor, a: Tensor, v: Tensor, inv: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``v · (1 − t_i²) e_i / Σ_j (1 − t_j²) e_j`` ``(M, n)`` with ``e_i = exp(−t_i²/2)``,
+    and Σ(1−t²)e, Σ|1−t²|e, Σ e ``(M, 1)``: the backward in one kernel when ``α`` needs no
+    gradient (rows where Σ(1−t²)e is not positive are the caller's to redo)."""
+    t2 = _scaled(y - x, a, inv).clamp_(-WELSCH_T_MAX, WELSCH_T_MAX).square_()
+    e = (t2 * -0.5).exp_()
+    c = t2.neg_().add_(1).mul_(e)
+    s_c, s_e = c.sum(-1, keepdim=True), e.sum(-1, keepdim=True)
+    s_abs = c.abs().sum(-1, keepdim=True)
+    return c.mul_(v / s_c), s_c, s_abs, s_e
 
 
 def welsch_backward_grad(
@@ -593,8 +619,10 @@ _EAGER: dict[str, Callable[..., object]] = {
         welsch_sums,
         pseudo_huber_backward_sums,
         pseudo_huber_backward_grad,
+        pseudo_huber_backward_fused,
         welsch_backward_sums,
         welsch_backward_grad,
+        welsch_backward_fused,
         huber_backward_sums,
         huber_backward_grad,
         window_sums,
@@ -678,8 +706,10 @@ _RECIPROCAL = frozenset(
         "welsch_sums",
         "pseudo_huber_backward_sums",
         "pseudo_huber_backward_grad",
+        "pseudo_huber_backward_fused",
         "welsch_backward_sums",
         "welsch_backward_grad",
+        "welsch_backward_fused",
     }
 )
 

@@ -789,10 +789,15 @@ def _welsch_far(t: Tensor, t2: Tensor, tmin2: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(far, 0.0, t), torch.where(far, 0.0, t2)
 
 
-def _backward_pseudo_huber(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    total, tcubed = kernel("pseudo_huber_backward_sums", x)(x, y, a)  # type: ignore[misc]
-    grad = kernel("pseudo_huber_backward_grad", x)(x, y, a, v / total)
-    dyda = -tcubed / total
+def _backward_pseudo_huber(x: Tensor, y: Tensor, a: Tensor, v: Tensor,
+                           alpha_grad: bool = True) -> tuple[Tensor, Tensor]:
+    if alpha_grad:
+        total, tcubed = kernel("pseudo_huber_backward_sums", x)(x, y, a)  # type: ignore[misc]
+        grad = kernel("pseudo_huber_backward_grad", x)(x, y, a, v / total)
+        dyda = -tcubed / total
+    else:  # one kernel; ∂y/∂α is not used (0 stands in for it)
+        grad, total = kernel("pseudo_huber_backward_fused", x)(x, y, a, v)  # type: ignore[misc]
+        dyda = torch.zeros_like(v)
     # Rows whose weights all underflow (every |y − x_i| ≫ α): rescale by the largest weight,
     # in float64 (a rare path).
     small = ~(total >= math.sqrt(_finfo(x).tiny)) & torch.isfinite(y)
@@ -850,6 +855,33 @@ def _backward_welsch(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tensor
     return grad, dyda
 
 
+def _backward_welsch_x(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_backward_welsch` when ``α`` needs no gradient: one kernel, then the rare rows
+    (all weights underflowing, or ``Σφ'' ≤ 0``) redone from rescaled weights."""
+    out = kernel("welsch_backward_fused", x)(x, y, a, v)
+    grad, curv, curv_abs, e_sum = out  # type: ignore[misc]
+    small = ~(e_sum >= math.sqrt(_finfo(x).tiny)) & torch.isfinite(y)
+    if bool(small.any()):
+        idx = small.squeeze(-1).nonzero().squeeze(-1)
+        t, tmin2 = _rescale_rows(x, y, a, idx)
+        t2 = t * t
+        e = torch.exp(-0.5 * (t2 - tmin2))
+        t, t2 = _welsch_far(t, t2, tmin2)
+        c = (1 - t2) * e
+        curv[idx] = c.sum(-1, keepdim=True)
+        curv_abs[idx] = c.abs().sum(-1, keepdim=True)
+        grad[idx] = c * (v[idx] / curv[idx])
+    degenerate = ~(curv > 64 * _finfo(x).eps * curv_abs) & torch.isfinite(y)
+    n_degenerate = int(degenerate.sum())
+    if n_degenerate:
+        _warn_degenerate(n_degenerate, "welsch")
+        idx = degenerate.squeeze(-1).nonzero().squeeze(-1)
+        t, tmin2 = _rescale_rows(x, y, a, idx)
+        e = torch.exp(-0.5 * (t * t - tmin2))  # e_i / Σ e_j: the rescaling cancels
+        grad[idx] = v[idx] * e / e.sum(-1, keepdim=True)
+    return grad, torch.zeros_like(v)
+
+
 def _backward_huber(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     count, outer_sign = kernel("huber_backward_sums", x)(x, y, a)  # type: ignore[misc]
     flat = (count == 0) & torch.isfinite(y)
@@ -888,6 +920,8 @@ class PoolRule:
             is ``Σ_i x_i`` (used to find the rows holding NaN or ±inf, whose ``y`` the
             caller sets to NaN) and ``saved`` the tensors the backward needs.
         backward: ``(penalty, x, y, a, v (M, 1), saved) -> (vᵀ ∂y/∂x (M, n), ∂y/∂α (M, 1))``.
+        backward_x: optionally, the same when ``α`` needs no gradient (its ``∂y/∂α`` is
+            then not used), where that saves work.
         exact: whether ``solve`` returns the global minimum (else: the best local minimum
             found by a multi-start search).
     """
@@ -895,6 +929,7 @@ class PoolRule:
     solve: Solve
     backward: Backward
     exact: bool = True
+    backward_x: Backward | None = None
 
 
 def _with_stats(solver: Callable[[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]], Tensor]) -> Solve:
@@ -906,12 +941,12 @@ def _with_stats(solver: Callable[[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]
 
 
 def _plain_backward(
-    backward: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    backward: Callable[..., tuple[Tensor, Tensor]], **options: object
 ) -> Backward:
     def run(
         pen: Penalty, x: Tensor, y: Tensor, a: Tensor, v: Tensor, saved: Saved
     ) -> tuple[Tensor, Tensor]:
-        return backward(x, y, a, v)
+        return backward(x, y, a, v, **options)
 
     return run
 
@@ -932,9 +967,11 @@ def _truncated_backward(
 
 
 RULES: dict[type[Penalty], PoolRule] = {
-    PseudoHuber: PoolRule(_solve_pseudo_huber, _plain_backward(_backward_pseudo_huber)),
+    PseudoHuber: PoolRule(_solve_pseudo_huber, _plain_backward(_backward_pseudo_huber),
+                          backward_x=_plain_backward(_backward_pseudo_huber, alpha_grad=False)),
     Huber: PoolRule(_solve_huber, _plain_backward(_backward_huber)),
-    Welsch: PoolRule(_with_stats(_solve_welsch), _plain_backward(_backward_welsch), exact=False),
+    Welsch: PoolRule(_with_stats(_solve_welsch), _plain_backward(_backward_welsch), exact=False,
+                     backward_x=_plain_backward(_backward_welsch_x)),
     TruncatedQuadratic: PoolRule(_truncated_solve, _truncated_backward),
 }
 

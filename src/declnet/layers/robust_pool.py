@@ -110,7 +110,10 @@ class _RobustPoolFunction(torch.autograd.Function):
             grad, dyda = pool_backward.pool_vjp(pen, x, y, alpha, grad_y, tuple(saved))
         else:
             rule = pool_solvers.rule_for(pen)
-            grad, dyda = rule.backward(pen, x, y, alpha, grad_y, tuple(saved))
+            run = rule.backward
+            if rule.backward_x is not None and not ctx.needs_input_grad[1]:
+                run = rule.backward_x  # no ∂y/∂α to compute
+            grad, dyda = run(pen, x, y, alpha, grad_y, tuple(saved))
         grad_alpha = None
         if ctx.needs_input_grad[1]:
             prod = grad_y * dyda
