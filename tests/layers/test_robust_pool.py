@@ -412,19 +412,21 @@ def test_empty_batch_is_fine(name, shape):
     assert x.grad is not None and x.grad.shape == shape
 
 
-@pytest.mark.parametrize("name", ["pseudo_huber", "welsch"])
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 30.0, 1e20])
 def test_backward_without_alpha_gradient_equals_the_full_one(name, dtype, scale):
     # With a constant α the backward runs one fused kernel (no ∂y/∂α); it must give the
     # gradient of the full backward (α requiring grad), rare rows included: two equal
-    # clusters, x = ±α (Welsch's Σφ'' = 0), one far outlier, weights that underflow.
+    # clusters, x = ±α (Welsch's Σφ'' = 0), x = ±3α (Huber: no inlier), one far
+    # outlier, weights that underflow.
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(16, 34, generator=gen, dtype=F64).to(dtype) * scale
     x[0] = torch.tensor([0.0, 1.0] * 17, dtype=dtype) * scale
     x[1] = 0.0
     x[1, 0] = 3.0 * scale
     x[2, :17], x[2, 17:] = -0.7, 0.7  # y = 0 with Σφ'' = 0 for Welsch (x = ±α)
+    x[3, :17], x[3, 17:] = -2.1, 2.1  # Huber: an interval of minimisers, no inlier
     grads = []
     for alpha in (0.7, torch.tensor(0.7, dtype=dtype, requires_grad=True)):
         xg = x.clone().requires_grad_(True)

@@ -597,6 +597,15 @@ def truncated_band_windows(
     return exits_done, torch.where(use_r, j_r + 1, entries_done)
 
 
+def huber_backward_fused(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``v · 1[|y − x_i| ≤ α] / count`` ``(M, n)`` and the number of inliers ``count``
+    ``(M, 1)``: the backward in one kernel when ``α`` needs no gradient (rows without an
+    inlier are the caller's to redo)."""
+    inlier = _positive((y - x).abs_().sub_(a)).neg_().add_(1)
+    count = inlier.sum(-1, keepdim=True)
+    return inlier.mul_(v / count), count
+
+
 def huber_backward_grad(x: Tensor, y: Tensor, a: Tensor, scale: Tensor) -> Tensor:
     """``scale · 1[|y − x_i| ≤ α]``, shape ``(M, n)``."""
     return _positive((y - x).abs_() - a).neg_().add_(1).mul_(scale)
@@ -625,6 +634,7 @@ _EAGER: dict[str, Callable[..., object]] = {
         welsch_backward_fused,
         huber_backward_sums,
         huber_backward_grad,
+        huber_backward_fused,
         window_sums,
         window_grad,
         truncated_prefix_sums,

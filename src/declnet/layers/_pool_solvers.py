@@ -882,12 +882,18 @@ def _backward_welsch_x(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tens
     return grad, torch.zeros_like(v)
 
 
-def _backward_huber(x: Tensor, y: Tensor, a: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    count, outer_sign = kernel("huber_backward_sums", x)(x, y, a)  # type: ignore[misc]
-    flat = (count == 0) & torch.isfinite(y)
-    scale = torch.where(flat, torch.zeros_like(v), v / count)
-    grad = kernel("huber_backward_grad", x)(x, y, a, scale)
-    dyda = torch.where(flat, torch.zeros_like(v), -outer_sign / count)
+def _backward_huber(x: Tensor, y: Tensor, a: Tensor, v: Tensor,
+                    alpha_grad: bool = True) -> tuple[Tensor, Tensor]:
+    if alpha_grad:
+        count, outer_sign = kernel("huber_backward_sums", x)(x, y, a)  # type: ignore[misc]
+        flat = (count == 0) & torch.isfinite(y)
+        scale = torch.where(flat, torch.zeros_like(v), v / count)
+        grad = kernel("huber_backward_grad", x)(x, y, a, scale)
+        dyda = torch.where(flat, torch.zeros_like(v), -outer_sign / count)
+    else:  # one kernel; ∂y/∂α is not used (0 stands in for it); flat rows redone below
+        grad, count = kernel("huber_backward_fused", x)(x, y, a, v)  # type: ignore[misc]
+        flat = (count == 0) & torch.isfinite(y)
+        dyda = torch.zeros_like(v)
     if bool(flat.any()):
         # y is the midpoint (x_j + x_k)/2 of the interval of minimisers (see _solve_huber).
         idx = flat.squeeze(-1).nonzero().squeeze(-1)
@@ -969,7 +975,8 @@ def _truncated_backward(
 RULES: dict[type[Penalty], PoolRule] = {
     PseudoHuber: PoolRule(_solve_pseudo_huber, _plain_backward(_backward_pseudo_huber),
                           backward_x=_plain_backward(_backward_pseudo_huber, alpha_grad=False)),
-    Huber: PoolRule(_solve_huber, _plain_backward(_backward_huber)),
+    Huber: PoolRule(_solve_huber, _plain_backward(_backward_huber),
+                    backward_x=_plain_backward(_backward_huber, alpha_grad=False)),
     Welsch: PoolRule(_with_stats(_solve_welsch), _plain_backward(_backward_welsch), exact=False,
                      backward_x=_plain_backward(_backward_welsch_x)),
     TruncatedQuadratic: PoolRule(_truncated_solve, _truncated_backward),
